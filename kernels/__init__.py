@@ -1,0 +1,1 @@
+"""Triton kernels for paged attention, each beside its torch reference."""
