@@ -1,0 +1,42 @@
+"""Errors a caller can act on; each message says what was asked, the limit and what to do."""
+
+from __future__ import annotations
+
+
+class PromptTooLongError(ValueError):
+    """A request whose prompt plus max_tokens does not fit in max_model_len."""
+
+    def __init__(self, prompt_len: int, max_tokens: int | None, max_model_len: int) -> None:
+        self.prompt_len = prompt_len
+        self.max_tokens = max_tokens
+        self.max_model_len = max_model_len
+        if max_tokens is None or prompt_len >= max_model_len:
+            message = (
+                f"This model's maximum context length is {max_model_len} tokens, and your prompt "
+                f"has {prompt_len} tokens, which leaves no room for output. Shorten the prompt to "
+                f"at most {max_model_len - 1} tokens."
+            )
+        else:
+            available = max_model_len - max_tokens
+            message = (
+                f"Given your max_tokens={max_tokens} request and max_model_len={max_model_len}, "
+                f"only {available} tokens are available for the prompt, and your prompt has "
+                f"{prompt_len} tokens. Shorten the prompt by {prompt_len - available} tokens or "
+                f"lower max_tokens to {max_model_len - prompt_len}."
+            )
+        super().__init__(message)
+
+
+class KVCacheTooSmallError(ValueError):
+    """The KV cache cannot hold a single max_model_len sequence."""
+
+    def __init__(self, num_blocks: int, block_size: int, max_model_len: int, hint: str) -> None:
+        capacity = num_blocks * block_size
+        super().__init__(
+            f"The KV cache holds {capacity} tokens ({num_blocks} blocks of {block_size}), fewer "
+            f"than max_model_len={max_model_len}, so not even one full-length request fits. "
+            f"Lower max_model_len to {capacity} or less, or {hint}."
+        )
+        self.num_blocks = num_blocks
+        self.capacity = capacity
+        self.max_model_len = max_model_len

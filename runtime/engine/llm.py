@@ -1,0 +1,158 @@
+"""The offline API, shaped like vLLM's: `LLM(...).generate(prompts, sampling_params)`."""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from collections.abc import Sequence
+
+from brim.runtime.config import EngineConfig
+from brim.runtime.engine.engine import Engine
+from brim.runtime.engine.outputs import RequestOutput
+from brim.runtime.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but no CUDA GPU is visible; use device='cpu'")
+    return "cuda" if device.startswith("cuda") else device
+
+
+class LLM:
+    """An engine with the model loaded, for batch generation in-process.
+
+    model: a folder with a Hugging Face checkpoint; None uses the bundled SmolLM2.
+    max_model_len: int, a human-readable count ("25.6k", "32K") or None (the model's own).
+    num_gpu_blocks: caps the KV cache at that many blocks. On CPU the default is
+        10% of the RAM available at start-up (CacheConfig.cpu_kv_cache_fraction).
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        dtype: str = "auto",
+        max_model_len: int | str | None = None,
+        max_num_seqs: int | None = None,
+        max_num_batched_tokens: int | str | None = None,
+        block_size: int = 16,
+        num_gpu_blocks: int | None = None,
+        gpu_memory_utilization: float = 0.90,
+        enable_prefix_caching: bool = False,
+        allow_long_max_model_len: bool = False,
+        seed: int = 0,
+        device: str = "auto",
+        cache_dir: str | None = None,
+    ) -> None:
+        if model is None:
+            from brim.runtime.models.bundled import bundled_model_path
+
+            model = str(bundled_model_path(cache_dir))
+        config = EngineConfig.create(
+            model,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            block_size=block_size,
+            num_gpu_blocks=num_gpu_blocks,
+            gpu_memory_utilization=gpu_memory_utilization,
+            enable_prefix_caching=enable_prefix_caching,
+            allow_long_max_model_len=allow_long_max_model_len,
+            seed=seed,
+            device=resolve_device(device),
+        )
+        self.engine = Engine(config)
+        self._ids = itertools.count()
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in the order of the prompts.
+
+        prompts: a string, a list of strings, a list of token ids, or a list of those.
+        """
+        prompts = _as_prompt_list(prompts)
+        tokenizer = self.engine.tokenizer
+        encoded = [
+            (p, tokenizer.encode(p)) if isinstance(p, str) else (None, list(p)) for p in prompts
+        ]
+        return self._run(encoded, sampling_params, use_tqdm)
+
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation or a list of them."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        tokenizer = self.engine.tokenizer
+        encoded = []
+        for conversation in conversations:
+            text = tokenizer.apply_chat_template(
+                conversation, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+            encoded.append((text, tokenizer.encode(text, add_special_tokens=False)))
+        return self._run(encoded, sampling_params, use_tqdm)
+
+    def _run(self, encoded, sampling_params, use_tqdm) -> list[RequestOutput]:
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params = [sampling_params or SamplingParams()] * len(encoded)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(encoded):
+                raise ValueError(
+                    f"got {len(params)} SamplingParams for {len(encoded)} prompts; give one, "
+                    "or one per prompt"
+                )
+        engine = self.engine
+        order = []
+        try:
+            for (text, token_ids), p in zip(encoded, params):
+                req_id = str(next(self._ids))
+                engine.add_request(req_id, token_ids, p, prompt=text)
+                order.append(req_id)
+        except Exception:
+            for req_id in order:
+                engine.abort(req_id)
+            raise
+        results: dict[str, RequestOutput] = {}
+        progress = None
+        if use_tqdm and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            progress = tqdm(total=len(order), desc="generating", unit="req")
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                if output.finished:
+                    results[output.req_id] = output
+                    if progress is not None:
+                        progress.update(1)
+        if progress is not None:
+            progress.close()
+        return [results[req_id] for req_id in order]
+
+
+def _as_prompt_list(prompts) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts]  # a single prompt given as token ids
+    return prompts

@@ -1,0 +1,70 @@
+"""Turns a scheduled step into flat tensors, runs the model, and samples."""
+
+from __future__ import annotations
+
+import torch
+
+from brim.runtime.config import EngineConfig
+from brim.runtime.engine.sampler import Sampler, SamplerOutput
+from brim.runtime.engine.scheduler import SchedulerOutput
+from brim.runtime.models.llama import AttentionMetadata, LlamaForCausalLM
+from brim.runtime.models.loader import TORCH_DTYPES
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model: LlamaForCausalLM, num_blocks: int) -> None:
+        self.config = config
+        self.model = model
+        self.device = torch.device(config.device)
+        self.block_size = config.cache.block_size
+        self.backend = "triton" if self.device.type == "cuda" else "torch"
+        args = model.args
+        dtype = TORCH_DTYPES[config.model.dtype]
+        shape = (num_blocks, self.block_size, args.num_kv_heads, args.head_dim)
+        # Per layer (k_cache, v_cache). Zeroed: attention masks unused slots, but a
+        # never-written slot must not hold NaN bit patterns either.
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=dtype, device=self.device),
+             torch.zeros(shape, dtype=dtype, device=self.device))
+            for _ in range(args.num_layers)
+        ]
+        self.sampler = Sampler(config.seed)
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput, block_tables: list[list[int]]) -> SamplerOutput | None:
+        """Run one step. block_tables: per scheduled request, its physical block ids.
+
+        Returns one sampled token per request whose step reaches its last token (a
+        partial prefill chunk samples nothing), in batch order.
+        """
+        input_ids, positions, slots, query_start, seq_lens, logits_rows = [], [], [], [0], [], []
+        for s, table in zip(out.scheduled, block_tables):
+            start, end = s.start, s.start + s.num_new_tokens
+            input_ids.extend(s.request.all_token_ids[start:end])
+            positions.extend(range(start, end))
+            slots.extend(table[p // self.block_size] * self.block_size + p % self.block_size
+                         for p in range(start, end))
+            query_start.append(query_start[-1] + s.num_new_tokens)
+            seq_lens.append(end)
+            if s.samples:
+                logits_rows.append(query_start[-1] - 1)
+        max_blocks = max(len(t) for t in block_tables)
+        padded = [t + [0] * (max_blocks - len(t)) for t in block_tables]
+
+        def tensor(values, dtype):
+            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+
+        md = AttentionMetadata(
+            slot_mapping=tensor(slots, torch.int64),
+            block_tables=tensor(padded, torch.int32),
+            query_start_loc=tensor(query_start, torch.int32),
+            seq_lens=tensor(seq_lens, torch.int32),
+            backend=self.backend,
+        )
+        hidden = self.model(tensor(input_ids, torch.int64), tensor(positions, torch.int64),
+                            self.kv_caches, md)
+        if not logits_rows:
+            return None
+        # Logits only where a token is sampled: the vocab matmul is the largest one.
+        logits = self.model.compute_logits(hidden[tensor(logits_rows, torch.int64)])
+        return self.sampler(logits, [s.request for s in out.scheduled if s.samples])

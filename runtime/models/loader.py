@@ -1,0 +1,96 @@
+"""Load a Hugging Face-format checkpoint straight into brim's modules.
+
+The model is built on the meta device and each parameter is assigned from the
+(mmapped) safetensors files, so no weight is ever initialised and then overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from brim.runtime.models.llama import LlamaArgs, LlamaForCausalLM
+
+logger = logging.getLogger(__name__)
+
+# architectures (config.json) -> implementation
+ARCHITECTURES = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": LlamaForCausalLM,
+}
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [path / name for name in sorted(set(weight_map.values()))]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(
+            f"no *.safetensors in {path}; brim loads safetensors checkpoints only "
+            "(convert .bin weights with transformers' save_pretrained(safe_serialization=True))"
+        )
+    return files
+
+
+def model_class(hf_config: dict) -> type[LlamaForCausalLM]:
+    for arch in hf_config.get("architectures") or []:
+        if arch in ARCHITECTURES:
+            return ARCHITECTURES[arch]
+    raise ValueError(
+        f"unsupported architecture {hf_config.get('architectures')}; brim supports "
+        f"{', '.join(ARCHITECTURES)}"
+    )
+
+
+def load_model(path: Path, hf_config: dict, dtype: str, device: str) -> LlamaForCausalLM:
+    cls = model_class(hf_config)
+    args = LlamaArgs.from_hf(hf_config)
+    with torch.device("meta"):
+        model = cls(args)
+    torch_dtype = TORCH_DTYPES[dtype]
+    params = dict(model.named_parameters())
+    state: dict[str, torch.Tensor] = {}
+    shards: dict[str, dict[int, torch.Tensor]] = {}
+    for file in safetensors_files(path):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for ckpt_name in f.keys():
+                name, shard = model.checkpoint_name_map(ckpt_name)
+                if name not in params:
+                    if "rotary_emb" in name:
+                        continue  # some checkpoints store the derived inv_freq buffer
+                    raise ValueError(f"{file.name}: unexpected tensor {ckpt_name!r}")
+                tensor = f.get_tensor(ckpt_name).to(torch_dtype)
+                if shard is None:
+                    state[name] = tensor
+                else:
+                    shards.setdefault(name, {})[shard] = tensor
+    for name, parts in shards.items():
+        state[name] = torch.cat([parts[i] for i in sorted(parts)], dim=0)
+    if "lm_head.weight" not in state and args.tie_word_embeddings:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    missing = sorted(set(params) - set(state))
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks tensors for {missing[:5]}")
+    state = {name: t.to(device) for name, t in state.items()}
+    if args.tie_word_embeddings:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    model.rotary.build(device)
+    return model.eval().requires_grad_(False)
+
+
+def model_weights_bytes(model: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
