@@ -1,0 +1,40 @@
+"""Fixtures shared by the runtime tests: the bundled model and transformers' reference."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def bundled_model_dir():
+    from brim.runtime.models.bundled import bundled_model_path
+
+    return bundled_model_path()
+
+
+@pytest.fixture(scope="session")
+def hf_bundled_model(bundled_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(bundled_model_dir, dtype=torch.float32).eval()
+
+
+def hf_greedy(model, prompt_ids: list[int], num_new_tokens: int) -> list[int]:
+    """transformers' own forward with its own KV cache, greedy, not stopping at EOS.
+
+    Written out instead of `generate()` so EOS handling cannot differ: brim runs these
+    with ignore_eos=True.
+    """
+    import torch
+
+    with torch.inference_mode():
+        ids = torch.tensor([prompt_ids])
+        out = model(input_ids=ids, use_cache=True)
+        generated = []
+        for _ in range(num_new_tokens):
+            token = int(out.logits[0, -1].argmax())
+            generated.append(token)
+            out = model(input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values,
+                        use_cache=True)
+        return generated

@@ -1,0 +1,164 @@
+"""brim's greedy tokens equal transformers' on the real bundled model and on tiny
+random-weight Llama (GQA, llama3 RoPE), Mistral (sliding window) and Qwen2 (biases)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from brim.runtime import LLM, SamplingParams
+from tests.runtime.conftest import hf_greedy
+
+NUM_NEW_TOKENS = 32
+
+_HISTORY = (
+    "The history of computing stretches from the abacus through mechanical calculators "
+    "such as Pascal's arithmetic machine and Babbage's difference engine to the electronic "
+    "machines of the twentieth century. Ada Lovelace described how the analytical engine "
+    "could manipulate symbols as well as numbers. During the Second World War, Colossus "
+    "and ENIAC showed that vacuum tubes could compute at unprecedented speed, and the "
+    "stored-program architecture described by von Neumann became the template for nearly "
+    "every machine that followed. Transistors replaced tubes in the late 1950s, integrated "
+    "circuits arrived in the 1960s, and the microprocessor put a whole central processing "
+    "unit on a single chip in 1971. Personal computers spread through homes and offices in "
+    "the 1980s, the World Wide Web connected them in the 1990s, and smartphones put a "
+    "networked computer in billions of pockets in the 2000s. Today, large neural networks "
+    "trained on graphics processors write text, translate languages and generate images, "
+    "and researchers debate how far this line of progress can continue. Along the way, "
+    "programming languages climbed from machine code and assembly to FORTRAN, COBOL and "
+    "LISP, then to C, Smalltalk and the object-oriented languages, and later to Python, "
+    "Java and JavaScript, each trading some control over the hardware for clarity and "
+    "speed of development. Operating systems grew from batch monitors into time-sharing "
+    "systems such as Multics and Unix, whose small tools joined by pipes still shape how "
+    "programmers work. Storage moved from punched cards and magnetic drums to tape, disks "
+    "and flash memory, while networks evolved from ARPANET's first messages to the "
+    "fibre-optic backbone of the internet. Summarise the "
+    "main turning points described above in one sentence:"
+)
+
+CHAT_PROMPTS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [
+        {"role": "system", "content": "You are a concise assistant who answers in verse."},
+        {"role": "user", "content": "Write a haiku about autumn leaves."},
+    ],
+    [
+        {"role": "user", "content": "Hi! Can you help me plan a trip?"},
+        {"role": "assistant", "content": "Of course. Where would you like to go?"},
+        {"role": "user", "content": "Somewhere warm in December, with good food."},
+    ],
+]
+RAW_PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "1, 2, 3, 5, 8, 13,",
+    "Once upon a time, in a small village at the edge of a great forest, there lived an "
+    "old clockmaker who had never once left the valley. One morning a stranger arrived",
+    _HISTORY,
+]
+
+
+@pytest.fixture(scope="module")
+def parity_prompts(bundled_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(bundled_model_dir)
+    prompts = [
+        tokenizer.encode(
+            tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True),
+            add_special_tokens=False,
+        )
+        for c in CHAT_PROMPTS
+    ] + [tokenizer.encode(p) for p in RAW_PROMPTS]
+    lengths = sorted(len(p) for p in prompts)
+    assert lengths[0] <= 6 and lengths[-1] >= 300, lengths  # 5 to 300+ tokens
+    return prompts
+
+
+@pytest.fixture(scope="module")
+def hf_reference(hf_bundled_model, parity_prompts):
+    return [hf_greedy(hf_bundled_model, p, NUM_NEW_TOKENS) for p in parity_prompts]
+
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=NUM_NEW_TOKENS, ignore_eos=True)
+
+
+def _generate(llm, prompts):
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "scenario, engine_args",
+    [
+        ("all at once", {}),
+        ("one at a time", {}),
+        # 48 blocks x 16 = 768 tokens: every prompt fits alone, the batch does not.
+        ("preemption", {"num_gpu_blocks": 48, "max_model_len": 768}),
+        # 40 tokens per step: every prompt longer than that is prefilled in chunks.
+        ("chunked prefill", {"max_num_batched_tokens": 40, "max_num_seqs": 8}),
+    ],
+)
+def test_bundled_model_matches_transformers(bundled_model_dir, parity_prompts, hf_reference,
+                                            scenario, engine_args):
+    llm = LLM(str(bundled_model_dir), dtype="float32", device="cpu", **engine_args)
+    if scenario == "one at a time":
+        got = [_generate(llm, [p])[0] for p in parity_prompts]
+    else:
+        got = _generate(llm, parity_prompts)
+    for prompt, want, have in zip(parity_prompts, hf_reference, got):
+        assert have == want, f"prompt of {len(prompt)} tokens diverged"
+    stats = llm.engine.get_stats()
+    if scenario == "preemption":
+        assert stats.num_preemptions > 0
+    assert stats.num_used_blocks == 0 and stats.num_running == 0 and stats.num_waiting == 0
+
+
+def _tiny_checkpoint(tmp_path, bundled_model_dir, family: str):
+    """A random-weight checkpoint of a real architecture, saved by transformers."""
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                              Qwen2Config, Qwen2ForCausalLM)
+
+    common = dict(vocab_size=49152, hidden_size=64, intermediate_size=160,
+                  num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2,
+                  max_position_embeddings=512, initializer_range=0.1, eos_token_id=2,
+                  bos_token_id=1, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    if family == "llama":
+        config = LlamaConfig(**common, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+        model = LlamaForCausalLM(config)
+    elif family == "mistral":
+        config = MistralConfig(**{**common, "num_key_value_heads": 4}, sliding_window=24)
+        model = MistralForCausalLM(config)
+    else:
+        config = Qwen2Config(**{**common, "tie_word_embeddings": True})
+        model = Qwen2ForCausalLM(config)
+        with torch.no_grad():  # random q/k/v biases, so a dropped bias cannot pass
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj,
+                             layer.self_attn.v_proj):
+                    proj.bias.normal_(std=0.5)
+    path = tmp_path / family
+    model.save_pretrained(path, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(bundled_model_dir / name, path / name)
+    return path, model.eval()
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_tiny_random_models_match_transformers(tmp_path, bundled_model_dir, family):
+    path, hf_model = _tiny_checkpoint(tmp_path, bundled_model_dir, family)
+    generator = torch.Generator().manual_seed(1)
+    lengths = [5, 17, 40, 90]  # past the Mistral window of 24, across block boundaries
+    prompts = [torch.randint(3, 49152, (n,), generator=generator).tolist() for n in lengths]
+    want = [hf_greedy(hf_model, p, 24) for p in prompts]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    # A small step budget so prefill is chunked and sequences mix prefill and decode.
+    llm = LLM(str(path), dtype="float32", device="cpu", max_num_batched_tokens=32,
+              max_num_seqs=4, num_gpu_blocks=64)
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert got == want
