@@ -122,9 +122,10 @@ def format_plan(p: Plan, gpu_name: str | None = None) -> str:
         ("max_model_len", f"{p.max_model_len}  (model maximum {p.derived_max_model_len})"),
     ]
     for n in CONCURRENCY_LENGTHS:
-        rows.append((f"concurrency @{n // 1024}k", str(p.concurrency_at(n))))
+        beyond = "  (beyond the model's maximum)" if n > p.derived_max_model_len else ""
+        rows.append((f"concurrency @{n // 1024}k", f"{p.concurrency_at(n)}{beyond}"))
     if p.max_model_len > 0:
-        rows.append((f"concurrency @max", f"{p.concurrency_at(p.max_model_len)}  "
+        rows.append(("concurrency @max", f"{p.concurrency_at(p.max_model_len)}  "
                                           f"({p.max_model_len} tokens)"))
     rows.append(("verdict", "fits" if p.fits else "DOES NOT FIT"))
     width = max(len(name) for name, _ in rows)
