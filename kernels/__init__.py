@@ -1,20 +1,86 @@
 """Attention over the paged KV cache, and KV writes into it.
 
-`paged_attention` and `store_kv` are the public entry points; see `reference.py` for
-the contract. The torch reference runs on CPU.
+`paged_attention` and `store_kv` are the public entry points; `reference.py` holds the
+contract as torch code. Each has two backends:
+
+- "triton": the kernels in this package; for CUDA tensors, and for CPU tensors under
+  `TRITON_INTERPRET=1` (Triton's interpreter, which is how they are tested on CPU);
+- "torch": the reference, for CPU.
+
+`backend=None` picks "triton" for CUDA tensors or when TRITON_INTERPRET=1, else "torch".
+Triton modules are imported on first use, so that importing brim.kernels does not import
+triton and the interpreter setting is read when the kernels are actually built.
 """
+
+from __future__ import annotations
+
+import os
+
+import torch
 
 from brim.kernels.reference import paged_attention_ref, store_kv_ref
 
-
-def paged_attention(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, *,
-                    sliding_window=None, backend=None):
-    return paged_attention_ref(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens,
-                               scale, sliding_window=sliding_window)
+BACKENDS = ("triton", "torch")
 
 
-def store_kv(key, value, k_cache, v_cache, slot_mapping):
-    store_kv_ref(key, value, k_cache, v_cache, slot_mapping)
+def _pick_backend(backend: str | None, tensor: torch.Tensor) -> str:
+    if backend is None:
+        interpret = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
+        return "triton" if tensor.is_cuda or interpret else "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    return backend
+
+
+def paged_attention(
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks_per_seq] int32
+    query_start_loc: torch.Tensor,  # [num_seqs + 1] int32
+    seq_lens: torch.Tensor,  # [num_seqs] int32, context length including the queries
+    scale: float,
+    *,
+    sliding_window: int | None = None,
+    backend: str | None = None,
+    max_seq_len: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention of each sequence's queries over its paged context.
+
+    See `paged_attention_ref` for the contract. max_seq_len (optional, Triton only) is a
+    host-known upper bound of seq_lens that sizes the decode split-K without a device
+    read-back. out (optional) receives the result and is returned.
+    """
+    if _pick_backend(backend, q) == "triton":
+        from brim.kernels.paged_attention import paged_attention_triton
+
+        return paged_attention_triton(
+            q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
+            sliding_window=sliding_window, max_seq_len=max_seq_len, out=out)
+    result = paged_attention_ref(q, k_cache, v_cache, block_tables, query_start_loc,
+                                 seq_lens, scale, sliding_window=sliding_window)
+    if out is None:
+        return result
+    return out.copy_(result)
+
+
+def store_kv(
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [num_tokens]; block_id * block_size + offset, -1 = skip
+    *,
+    backend: str | None = None,
+) -> None:
+    """Write each token's K and V into its cache slot; slot -1 (padding) is skipped."""
+    if _pick_backend(backend, key) == "triton":
+        from brim.kernels.store_kv import store_kv_triton
+
+        store_kv_triton(key, value, k_cache, v_cache, slot_mapping)
+    else:
+        store_kv_ref(key, value, k_cache, v_cache, slot_mapping)
 
 
 __all__ = ["paged_attention", "store_kv", "paged_attention_ref", "store_kv_ref"]

@@ -1,0 +1,63 @@
+"""Triton helpers shared by the attention kernels: addressing tiles of the paged KV cache.
+
+A tile is BLOCK_N consecutive context positions of one KV head. Position t lives in block
+block_table[t // BLOCK_SIZE] at offset t % BLOCK_SIZE, so a tile may span several cache
+blocks (BLOCK_N > BLOCK_SIZE) or part of one (BLOCK_N < BLOCK_SIZE); either way each
+position is addressed through the block table on its own.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def kv_tile_offsets(
+    block_table_ptr,  # [max_blocks_per_seq] this sequence's row of block_tables
+    positions,  # [BLOCK_N] context positions
+    is_loaded,  # [BLOCK_N] which positions to read; others get block 0 and are masked
+    kv_head,
+    stride_cache_b, stride_cache_s, stride_cache_h, stride_cache_d,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+):
+    """Element offsets [BLOCK_N, HEAD_DIM_PAD] into k_cache / v_cache, and their load mask."""
+    block_ids = tl.load(block_table_ptr + positions // BLOCK_SIZE, mask=is_loaded, other=0)
+    block_ids = block_ids.to(tl.int64)  # block_id * stride_cache_b can pass 2**31
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    offsets = (block_ids[:, None] * stride_cache_b
+               + (positions % BLOCK_SIZE)[:, None] * stride_cache_s
+               + kv_head * stride_cache_h
+               + dims[None, :] * stride_cache_d)
+    if HEAD_DIM == HEAD_DIM_PAD:
+        mask = is_loaded[:, None]  # constant along dims: keeps loads vectorised
+    else:
+        mask = is_loaded[:, None] & (dims[None, :] < HEAD_DIM)
+    return offsets, mask
+
+
+@triton.jit
+def load_tile(ptr, offsets, mask, UPCAST: tl.constexpr):
+    """Masked load (masked elements are 0, so stale cache contents never reach a sum).
+
+    UPCAST converts to float32 right after the load: the interpreter's 16-bit arithmetic
+    is not exact, and float32 inputs take IEEE dots instead.
+    """
+    tile = tl.load(ptr + offsets, mask=mask, other=0.0)
+    if UPCAST:
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
+def cast_rtne(x, DTYPE: tl.constexpr):
+    """float32 x to DTYPE, rounding to nearest even.
+
+    bfloat16 is rounded on the bits here, on every backend: Triton's interpreter truncates
+    float32 -> bfloat16 (its rounding mode is not RTNE), and the GPU gets the same result.
+    """
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        x = bits.to(tl.float32, bitcast=True)  # now exact in bfloat16
+    return x.to(DTYPE)

@@ -1,0 +1,30 @@
+"""Kernel tests run the Triton kernels through Triton's interpreter where there is no GPU.
+
+`triton.jit` decides between compiler and interpreter when a kernel is decorated, i.e. when
+`brim.kernels.paged_attention` / `brim.kernels.store_kv` are first imported, reading
+TRITON_INTERPRET at that moment. brim.kernels imports them lazily, and nothing outside
+the Triton backend does, so setting the variable here (before the test modules of this
+folder are imported) is enough; `tests/conftest.py` is not needed. The guard below fails
+loudly if something imported the kernels earlier in compiled mode.
+"""
+
+import os
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    _launcher = sys.modules.get("brim.kernels.paged_attention")
+    if _launcher is not None and not _launcher.IS_INTERPRETED:
+        raise RuntimeError("brim.kernels.paged_attention was imported before TRITON_INTERPRET=1 "
+                           "was set: its kernels were built for a GPU that is not there")
+
+
+@pytest.fixture
+def seed():
+    """A fresh seed every run (inputs differ run to run), reported for reproduction."""
+    value = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(value)
+    return value

@@ -1,0 +1,153 @@
+"""paged_attention: the Triton kernels (interpreted on CPU) against the torch reference.
+
+Every run draws fresh inputs (the seed is in the failure message). Cache slots that no
+sequence owns, and block-table entries past a sequence's end, point at NaN, and the output
+is pre-filled with NaN: reading stale cache or leaving an element unwritten fails.
+"""
+
+import math
+
+import pytest
+import torch
+
+from brim.kernels import paged_attention, paged_attention_ref
+from brim.kernels.paged_attention import paged_attention_triton
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+NAN = float("nan")
+
+
+def make_batch(seqs, *, num_kv_heads, group, head_dim, block_size, dtype,
+               contiguous_q=False):
+    """A paged batch; seqs lists (seq_len, query_len): the queries are the last positions."""
+    num_seqs = len(seqs)
+    blocks_per_seq = [-(-seq_len // block_size) for seq_len, _ in seqs]
+    num_blocks = sum(blocks_per_seq) + 2  # two spare blocks, never owned: all NaN
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.full(shape, NAN, dtype=dtype)
+    v_cache = torch.full(shape, NAN, dtype=dtype)
+    physical = torch.randperm(num_blocks)  # shuffled physical block ids
+    spare = int(physical[-1])
+    block_tables = torch.full((num_seqs, max(blocks_per_seq) + 1), spare, dtype=torch.int32)
+    next_block = 0
+    for i, (seq_len, _) in enumerate(seqs):
+        ids = physical[next_block:next_block + blocks_per_seq[i]]
+        next_block += blocks_per_seq[i]
+        block_tables[i, :len(ids)] = ids.int()
+        for pos in range(seq_len):  # only the context itself holds numbers
+            block, offset = int(ids[pos // block_size]), pos % block_size
+            k_cache[block, offset] = torch.randn(num_kv_heads, head_dim).to(dtype)
+            v_cache[block, offset] = torch.randn(num_kv_heads, head_dim).to(dtype)
+
+    query_lens = torch.tensor([query_len for _, query_len in seqs])
+    query_start_loc = torch.zeros(num_seqs + 1, dtype=torch.int32)
+    query_start_loc[1:] = query_lens.cumsum(0)
+    num_tokens, num_heads = int(query_start_loc[-1]), num_kv_heads * group
+    if contiguous_q:
+        q = torch.randn(num_tokens, num_heads, head_dim).to(dtype)
+    else:  # [num_tokens, num_heads, head_dim] view of a head-major buffer
+        q = torch.randn(num_heads, num_tokens, head_dim).to(dtype).transpose(0, 1)
+    seq_lens = torch.tensor([seq_len for seq_len, _ in seqs], dtype=torch.int32)
+    return q, k_cache, v_cache, block_tables, query_start_loc, seq_lens
+
+
+def check(seed, seqs, *, num_kv_heads=2, group=3, head_dim=64, block_size=16,
+          dtype=torch.float32, sliding_window=None, contiguous_q=False, num_splits=None):
+    batch = make_batch(seqs, num_kv_heads=num_kv_heads, group=group, head_dim=head_dim,
+                       block_size=block_size, dtype=dtype, contiguous_q=contiguous_q)
+    scale = 1 / math.sqrt(head_dim)
+    expected = paged_attention_ref(*batch, scale, sliding_window=sliding_window)
+    out = torch.full(batch[0].shape, NAN, dtype=dtype)  # poisoned: unwritten stays NaN
+
+    result = paged_attention_triton(*batch, scale, sliding_window=sliding_window, out=out,
+                                    num_splits=num_splits)
+
+    assert result is out
+    assert torch.isfinite(out).all(), f"seed {seed}: unwritten or NaN output elements"
+    error = (out.float() - expected.float()).abs().max().item()
+    assert error <= TOLERANCE[dtype], f"seed {seed}: max abs error {error}"
+
+
+def decode_seqs(block_size):
+    """Contexts 1, block_size - 1, block_size, block_size + 1 and a few hundred."""
+    return [(1, 1), (block_size - 1, 1), (block_size, 1), (block_size + 1, 1), (300, 1)]
+
+
+def prefill_seqs(block_size):
+    return [(block_size - 1, block_size - 1), (1, 1), (block_size, block_size),
+            (block_size + 1, block_size + 1)]
+
+
+def mixed_seqs(block_size):
+    """Decodes, whole prompts, a chunked prefill and a prefix-cache hit in one batch."""
+    return [(1, 1), (block_size + 1, 1), (block_size, block_size), (300, 1),
+            (block_size + 1, 5), (40, 7), (block_size - 1, block_size - 1)]
+
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", [decode_seqs, prefill_seqs, mixed_seqs],
+                         ids=lambda f: f.__name__.removesuffix("_seqs"))
+def test_matches_reference(seed, kind, dtype):
+    check(seed, kind(16), dtype=dtype)
+
+
+def test_long_prefill(seed):
+    check(seed, [(230, 230), (20, 20)], group=2, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("num_kv_heads,group", [(2, 1), (2, 3), (1, 8), (1, 4)],
+                         ids=["mha", "gqa3", "gqa8", "mqa"])
+@pytest.mark.parametrize("kind", [decode_seqs, mixed_seqs],
+                         ids=lambda f: f.__name__.removesuffix("_seqs"))
+def test_grouped_query_attention(seed, kind, num_kv_heads, group):
+    check(seed, kind(16), num_kv_heads=num_kv_heads, group=group, head_dim=80,
+          contiguous_q=True)
+
+
+@pytest.mark.parametrize("sliding_window", [1, 5, 17])
+@pytest.mark.parametrize("kind", [decode_seqs, mixed_seqs],
+                         ids=lambda f: f.__name__.removesuffix("_seqs"))
+def test_sliding_window(seed, kind, sliding_window):
+    check(seed, kind(16), sliding_window=sliding_window, dtype=torch.float16)
+
+
+@pytest.mark.parametrize("block_size", [8, 32])
+@pytest.mark.parametrize("kind", [decode_seqs, mixed_seqs],
+                         ids=lambda f: f.__name__.removesuffix("_seqs"))
+def test_block_sizes(seed, kind, block_size):
+    check(seed, kind(block_size), block_size=block_size, head_dim=80, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 7])
+@pytest.mark.parametrize("sliding_window", [None, 40])
+def test_decode_split_k(seed, num_splits, sliding_window):
+    """Split-K partitions, including empty ones (7 splits of short contexts)."""
+    check(seed, [(1, 1), (33, 1), (130, 1)], group=4, sliding_window=sliding_window,
+          num_splits=num_splits)
+
+
+def test_default_backend_is_triton_under_interpreter(seed, monkeypatch):
+    batch = make_batch(mixed_seqs(16), num_kv_heads=1, group=2, head_dim=64, block_size=16,
+                       dtype=torch.float32)
+    calls = []
+    import brim.kernels.paged_attention as launcher
+    original = launcher.paged_attention_triton
+    monkeypatch.setattr(launcher, "paged_attention_triton",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    paged_attention(*batch, 0.125)
+    assert calls == [1]
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    out = torch.full(batch[0].shape, NAN)
+    paged_attention(*batch, 0.125, out=out)  # torch reference on CPU
+    assert calls == [1]
+    assert torch.equal(out, paged_attention_ref(*batch, 0.125))
+
+
+def test_unknown_backend_is_refused():
+    q = torch.zeros(1, 1, 64)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        paged_attention(q, q, q, q, q, q, 1.0, backend="cuda")
