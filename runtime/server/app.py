@@ -1,0 +1,329 @@
+"""The FastAPI app: OpenAI's endpoints, /health, /metrics, /tokenize, /detokenize, /version.
+
+`build_app(engine, settings)` wires an engine (anything with the Engine contract) to
+HTTP. The engine loop starts with the app (lifespan) and stops with it.
+"""
+
+from __future__ import annotations
+
+import hmac
+import importlib.metadata
+import logging
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from brim.runtime.server import protocol as p
+from brim.runtime.server import serving
+from brim.runtime.server.async_engine import AsyncEngine
+from brim.runtime.server.errors import APIError, from_validation_error, invalid_param
+from brim.runtime.server.metrics import ServerMetrics
+
+logger = logging.getLogger(__name__)
+
+# Paths that answer without the API key: probes and scrapers carry no credentials.
+OPEN_PATHS = frozenset({"/health", "/metrics"})
+DEFAULT_MAX_REQUEST_BODY_BYTES = 4 * 2**20
+
+
+@dataclass(slots=True)
+class ServerSettings:
+    """How the server behaves around the engine (CLI flags map one-to-one).
+
+    served_model_names: names clients may pass as `model`; the first labels the metrics.
+    api_key: when set, every path but /health and /metrics needs `Authorization: Bearer`.
+    max_queue_len: new requests get 503 while this many are waiting; None: no limit.
+    max_request_body_bytes: larger bodies get 413.
+    enable_vllm_metrics: also export the metrics under vLLM's names.
+    """
+
+    served_model_names: list[str] = field(default_factory=list)
+    api_key: str | None = None
+    max_queue_len: int | None = None
+    max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES
+    enable_vllm_metrics: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.served_model_names:
+            raise ValueError("served_model_names needs at least one name")
+        if self.max_queue_len is not None and self.max_queue_len < 1:
+            raise ValueError(f"max_queue_len must be >= 1 (or unset), got {self.max_queue_len}")
+        if self.max_request_body_bytes < 1024:
+            raise ValueError("max_request_body_bytes must be >= 1024, got "
+                             f"{self.max_request_body_bytes}")
+
+
+class ServerState:
+    """What the handlers share: the engine loop, a tokenizer of their own, the limits."""
+
+    def __init__(self, engine, settings: ServerSettings, tokenizer=None,
+                 gpu_memory_utilization: float | None = None) -> None:
+        self.settings = settings
+        self.model_name = settings.served_model_names[0]
+        config = engine.config
+        self.max_model_len = config.model.max_model_len
+        self.model_path = str(config.model.path)
+        # The engine's tokenizer runs in the step thread; the handlers get their own so that
+        # the two never share a (not thread-safe) Rust tokenizer.
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.tokenizer = tokenizer
+        self.vocab_size = int(config.model.hf_config.get("vocab_size") or len(tokenizer))
+        self.metrics = ServerMetrics(self.model_name, {
+            "block_size": config.cache.block_size,
+            "num_gpu_blocks": engine.num_gpu_blocks,
+            "max_model_len": self.max_model_len,
+            "gpu_memory_utilization": (config.cache.gpu_memory_utilization
+                                       if gpu_memory_utilization is None
+                                       else gpu_memory_utilization),
+        }, enable_vllm_metrics=settings.enable_vllm_metrics)
+        self.engine = AsyncEngine(engine, self.metrics)
+        self.created = int(time.time())
+
+    def resolve_model(self, model: str | None) -> str:
+        if model is None or model in self.settings.served_model_names:
+            return model or self.model_name
+        served = ", ".join(self.settings.served_model_names)
+        raise APIError(404, f"The model `{model}` does not exist. This server serves: {served}.",
+                       param="model", code="model_not_found")
+
+    def check_queue(self) -> None:
+        limit = self.settings.max_queue_len
+        waiting = self.engine.num_waiting
+        if limit is not None and waiting >= limit:
+            raise APIError(
+                503, f"The server is busy: {waiting} requests are waiting, the limit is {limit} "
+                "(--max-queue-len). Retry later, or raise --max-queue-len.", code="queue_full")
+
+    async def parse(self, raw: Request, model_cls: type[BaseModel]) -> BaseModel:
+        body = await raw.body()
+        check_body_size(len(body), self.settings.max_request_body_bytes)
+        try:
+            return model_cls.model_validate_json(body)
+        except ValidationError as exc:
+            raise from_validation_error(exc) from None
+
+
+def check_body_size(num_bytes: int, limit: int) -> None:
+    if num_bytes > limit:
+        raise APIError(413, f"The request body is {num_bytes} bytes, more than this server's "
+                       f"limit of {limit} bytes (--max-request-body-bytes). Send a smaller "
+                       "request, or raise the limit.", code="request_too_large")
+
+
+def build_app(engine, settings: ServerSettings, *, tokenizer=None,
+              gpu_memory_utilization: float | None = None) -> FastAPI:
+    state = ServerState(engine, settings, tokenizer, gpu_memory_utilization)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state.engine.start()
+        try:
+            yield
+        finally:
+            await state.engine.stop()
+
+    app = FastAPI(title="brim", version=_version(), lifespan=lifespan)
+    app.state.brim = state
+    _add_error_handlers(app)
+    _add_guards(app, settings)
+    _add_routes(app, state)
+    return app
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("brim")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, exc: APIError) -> JSONResponse:
+        return exc.to_response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        param = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
+        return invalid_param(param, f"Invalid value for '{param}': {first['msg']}.").to_response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(raw: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = (f"No route {raw.method} {raw.url.path}; see /docs for the endpoints."
+                   if exc.status_code in (404, 405) else str(exc.detail))
+        return APIError(exc.status_code, message,
+                        type="invalid_request_error" if exc.status_code < 500 else None,
+                        ).to_response()
+
+    @app.exception_handler(Exception)
+    async def internal_error(raw: Request, exc: Exception) -> JSONResponse:
+        logger.exception("%s %s failed", raw.method, raw.url.path)
+        return APIError(500, f"Internal server error: {exc!r}. The server keeps running; "
+                        "please report this with the request that caused it.").to_response()
+
+
+def _add_guards(app: FastAPI, settings: ServerSettings) -> None:
+    """API key and body size, checked before a handler reads anything."""
+    expected = f"Bearer {settings.api_key}".encode() if settings.api_key else None
+
+    @app.middleware("http")
+    async def guard(raw: Request, call_next):
+        if expected is not None and raw.url.path not in OPEN_PATHS:
+            given = raw.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                return APIError(401, "Missing or wrong API key: send it as the header "
+                                "'Authorization: Bearer <key>' (the key the server was started "
+                                "with, --api-key).", code="invalid_api_key").to_response()
+        length = raw.headers.get("content-length")
+        if length is not None and length.isdigit():
+            try:
+                check_body_size(int(length), settings.max_request_body_bytes)
+            except APIError as exc:
+                return exc.to_response()
+        return await call_next(raw)
+
+
+def _add_routes(app: FastAPI, state: ServerState) -> None:
+    @app.get("/health")
+    async def health() -> Response:
+        if state.engine.is_alive:
+            return Response(status_code=200)
+        return APIError(503, "The engine loop is not running.", code="engine_dead").to_response()
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        body, content_type = state.metrics.render()
+        return Response(body, media_type=content_type)
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": _version()}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        cards = [p.ModelCard(id=name, created=state.created, root=state.model_path,
+                             max_model_len=state.max_model_len).model_dump()
+                 for name in state.settings.served_model_names]
+        return {"object": "list", "data": cards}
+
+    @app.post("/v1/completions")
+    async def completions(raw: Request) -> Response:
+        arrival = time.monotonic()
+        req = await state.parse(raw, p.CompletionRequest)
+        model = state.resolve_model(req.model)
+        _refuse_unsupported(req)
+        if req.echo and req.logprobs is not None:
+            raise invalid_param("echo", "echo together with logprobs is not supported (it would "
+                                "need the prompt's logprobs); drop one of them.")
+        prompts = _completion_prompts(state, req)
+        params = serving.build_sampling_params(req, req.max_tokens, req.logprobs)
+        for prompt in prompts:
+            serving.check_prompt(prompt, req.max_tokens, state.max_model_len, state.vocab_size,
+                                 "prompt")
+        state.check_queue()
+        job = serving.new_job("completion", model, prompts, params, req.logprobs, echo=req.echo,
+                              include_usage=_include_usage(req))
+        await serving.start(job, state.engine, arrival, "prompt")
+        return serving.respond_stream(job) if req.stream else await serving.respond_full(job, raw)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(raw: Request) -> Response:
+        arrival = time.monotonic()
+        req = await state.parse(raw, p.ChatCompletionRequest)
+        model = state.resolve_model(req.model)
+        _refuse_unsupported(req)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise invalid_param("top_logprobs", "top_logprobs needs logprobs=true.")
+        num_logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None \
+            else req.max_tokens
+        param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        if max_tokens is not None and max_tokens < 1:
+            raise invalid_param(param, f"Invalid value for '{param}': must be >= 1, got "
+                                f"{max_tokens}.")
+        prompt = _chat_prompt(state, req)
+        params = serving.build_sampling_params(req, max_tokens, num_logprobs)
+        serving.check_prompt(prompt, max_tokens, state.max_model_len, state.vocab_size,
+                             "messages")
+        state.check_queue()
+        job = serving.new_job("chat", model, [prompt], params, num_logprobs,
+                              include_usage=_include_usage(req))
+        await serving.start(job, state.engine, arrival, "messages")
+        return serving.respond_stream(job) if req.stream else await serving.respond_full(job, raw)
+
+    @app.post("/tokenize")
+    async def tokenize(raw: Request) -> dict:
+        req = await state.parse(raw, p.TokenizeRequest)
+        state.resolve_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise invalid_param("prompt", "Give exactly one of 'prompt' or 'messages'.")
+        if req.messages is not None:
+            tokens = _chat_prompt(state, req).token_ids
+        else:
+            tokens = state.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        return {"count": len(tokens), "max_model_len": state.max_model_len, "tokens": tokens}
+
+    @app.post("/detokenize")
+    async def detokenize(raw: Request) -> dict:
+        req = await state.parse(raw, p.DetokenizeRequest)
+        state.resolve_model(req.model)
+        bad = [t for t in req.tokens if not 0 <= t < state.vocab_size]
+        if bad:
+            raise invalid_param("tokens", f"Token ids must be in [0, {state.vocab_size}); got "
+                                f"{bad[:5]}.")
+        return {"prompt": state.tokenizer.decode(req.tokens)}
+
+
+def _refuse_unsupported(req: p.SamplingFields) -> None:
+    refused = req.unsupported()
+    if refused is not None:
+        raise invalid_param(*refused)
+
+
+def _include_usage(req: p.SamplingFields) -> bool:
+    if req.stream_options is not None and not req.stream:
+        raise invalid_param("stream_options", "stream_options is only allowed with stream=true.")
+    return bool(req.stream and req.stream_options and req.stream_options.include_usage)
+
+
+def _completion_prompts(state: ServerState, req: p.CompletionRequest) -> list[serving.Prompt]:
+    raw_prompt = req.prompt
+    if isinstance(raw_prompt, str):
+        items = [raw_prompt]
+    elif raw_prompt and all(isinstance(t, int) for t in raw_prompt):
+        items = [raw_prompt]  # one prompt as token ids
+    else:
+        items = list(raw_prompt)
+    if not items:
+        raise invalid_param("prompt", "The prompt is empty: give a string, a list of strings, "
+                            "or token ids.")
+    prompts = []
+    for item in items:
+        if isinstance(item, str):
+            prompts.append(serving.Prompt(item, state.tokenizer.encode(item)))
+        else:
+            text = state.tokenizer.decode(item) if req.echo else None
+            prompts.append(serving.Prompt(text, list(item)))
+    return prompts
+
+
+def _chat_prompt(state: ServerState, req) -> serving.Prompt:
+    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+    kwargs = getattr(req, "chat_template_kwargs", None) or {}
+    try:
+        text = state.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=req.add_generation_prompt, tokenize=False, **kwargs)
+    except Exception as exc:  # the template's own checks (roles, order) raise here
+        raise invalid_param("messages", f"The model's chat template refused these messages: "
+                            f"{exc}") from None
+    return serving.Prompt(text, state.tokenizer.encode(text, add_special_tokens=False))

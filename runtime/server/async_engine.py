@@ -1,0 +1,270 @@
+"""The engine loop: one asyncio task drives the synchronous engine beside the HTTP server.
+
+The engine is single-threaded and not thread-safe, so exactly one place touches it: the
+loop task. Each turn it applies the aborts and adds handlers have queued, then runs
+`engine.step()` in a worker thread (the event loop keeps serving while the forward pass
+runs) and hands each request's cumulative output to its stream. Handlers never call the
+engine; they call `add()` and iterate the `RequestStream` it returns.
+
+    handler --add()--> pending adds --+
+    handler --abort()--> pending aborts --+--> [loop: apply, step in thread, dispatch] --> streams
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from brim.runtime.engine.outputs import RequestOutput
+from brim.runtime.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineStepError(RuntimeError):
+    """The engine failed during a step; the requests in flight were aborted."""
+
+
+@dataclass(slots=True)
+class _PendingAdd:
+    req_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    prompt: str | None
+    accepted: asyncio.Future  # set once the engine took (or refused) the request
+
+
+@dataclass(slots=True)
+class _Timing:
+    """Per-request timestamps (time.monotonic) for the latency histograms."""
+
+    arrival: float
+    num_prompt_tokens: int
+    first_token: float | None = None
+    last_token: float | None = None
+    num_tokens: int = 0  # generated so far, over all n completions
+
+
+class RequestStream:
+    """The outputs of one request, newest wins.
+
+    Outputs are cumulative, so a consumer slower than the engine only needs the latest:
+    the stream keeps one slot instead of a queue that would grow with a stalled client.
+    """
+
+    def __init__(self, owner: "AsyncEngine", req_id: str) -> None:
+        self._owner = owner
+        self.req_id = req_id
+        self._latest: RequestOutput | BaseException | None = None
+        self._ready = asyncio.Event()
+        self.finished = False
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        self._latest = item
+        self._ready.set()
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        await self._ready.wait()
+        self._ready.clear()
+        item, self._latest = self._latest, None
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        if item.finished:
+            self.finished = True
+        return item
+
+    def abort(self) -> None:
+        """Stop generating (client gone, handler failed); a no-op once finished."""
+        if not self.finished:
+            self.finished = True
+            self._owner.abort(self.req_id)
+
+
+class AsyncEngine:
+    """Owns the engine and the loop task that drives it.
+
+    engine: anything with the Engine contract (add_request, step, abort,
+        has_unfinished_requests, get_stats).
+    metrics: a ServerMetrics updated after every step, or None.
+    """
+
+    def __init__(self, engine, metrics=None) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self._streams: dict[str, RequestStream] = {}
+        self._timings: dict[str, _Timing] = {}
+        self._pending_adds: list[_PendingAdd] = []
+        self._pending_aborts: list[str] = []
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self.stats = engine.get_stats()
+        self.num_steps = 0
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._wakeup = asyncio.Event()
+        self._task = asyncio.create_task(self._run(), name="brim-engine-loop")
+        if self.metrics is not None:
+            self.metrics.update_engine(self.stats)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    @property
+    def is_alive(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests not yet running: the engine's waiting queue plus adds not applied yet."""
+        return self.stats.num_waiting + len(self._pending_adds)
+
+    # -- requests -------------------------------------------------------------------------
+
+    async def add(
+        self,
+        req_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        prompt: str | None = None,
+        arrival_time: float | None = None,
+    ) -> RequestStream:
+        """Queue a request; returns once the engine accepted it.
+
+        Raises what `engine.add_request` raises (ValueError, PromptTooLongError).
+        """
+        if not self.is_alive:
+            raise EngineStepError("the engine loop is not running")
+        accepted = asyncio.get_running_loop().create_future()
+        stream = RequestStream(self, req_id)
+        self._streams[req_id] = stream
+        self._timings[req_id] = _Timing(arrival_time or time.monotonic(), len(prompt_token_ids))
+        self._pending_adds.append(_PendingAdd(req_id, prompt_token_ids, params, prompt, accepted))
+        self._wakeup.set()
+        try:
+            await accepted
+        except asyncio.CancelledError:
+            # Cancelled before the loop applied it: the loop skips cancelled adds. Cancelled
+            # after: the engine has it, so take it back out.
+            if accepted.done() and not accepted.cancelled():
+                self.abort(req_id)
+            else:
+                accepted.cancel()
+                self._forget(req_id)
+            raise
+        except BaseException:
+            self._forget(req_id)
+            raise
+        return stream
+
+    def abort(self, req_id: str) -> None:
+        """Abort before the next step; its KV blocks are free once that step starts."""
+        if self._forget(req_id) and self.metrics is not None:
+            self.metrics.observe_finished_reason("abort")
+        self._pending_aborts.append(req_id)
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    def _forget(self, req_id: str) -> bool:
+        self._streams.pop(req_id, None)
+        return self._timings.pop(req_id, None) is not None
+
+    # -- the loop -------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        engine = self.engine
+        while True:
+            self._apply_pending()
+            if not engine.has_unfinished_requests():
+                self._update_stats()
+                self._wakeup.clear()
+                if not self._pending_adds and not self._pending_aborts:
+                    await self._wakeup.wait()
+                continue
+            step_start = time.monotonic()
+            try:
+                outputs = await asyncio.to_thread(engine.step)
+            except Exception as exc:  # one bad step must not take the server down
+                logger.exception("engine step failed; aborting the %d requests in flight",
+                                 len(self._streams))
+                self._fail_all(EngineStepError(f"the engine failed during a step: {exc!r}"))
+                continue
+            self.num_steps += 1
+            self._dispatch(outputs, step_start, time.monotonic())
+            self._update_stats()
+
+    def _apply_pending(self) -> None:
+        engine = self.engine
+        aborts, self._pending_aborts = self._pending_aborts, []
+        for req_id in aborts:
+            try:
+                engine.abort(req_id)
+            except Exception:
+                logger.exception("aborting request %s failed", req_id)
+        adds, self._pending_adds = self._pending_adds, []
+        for add in adds:
+            if add.accepted.cancelled():
+                continue
+            try:
+                engine.add_request(add.req_id, add.prompt_token_ids, add.params, prompt=add.prompt)
+            except Exception as exc:
+                add.accepted.set_exception(exc)
+            else:
+                add.accepted.set_result(None)
+
+    def _dispatch(self, outputs: list[RequestOutput], step_start: float, step_end: float) -> None:
+        for output in outputs:
+            timing = self._timings.get(output.req_id)
+            if timing is not None and self.metrics is not None:
+                self._observe(output, timing, step_start, step_end)
+            stream = self._streams.get(output.req_id)
+            if stream is not None:
+                stream.put(output)
+            if output.finished:
+                self._forget(output.req_id)
+
+    def _observe(self, output: RequestOutput, timing: _Timing, step_start: float,
+                 now: float) -> None:
+        metrics = self.metrics
+        num_tokens = sum(len(c.token_ids) for c in output.outputs)
+        if num_tokens > timing.num_tokens:
+            if timing.first_token is None:
+                metrics.observe_first_token(now - timing.arrival, step_start - timing.arrival)
+            else:
+                metrics.observe_inter_token(now - timing.last_token)
+            timing.first_token = timing.first_token or now
+            timing.last_token = now
+            timing.num_tokens = num_tokens
+        if output.finished:
+            reason = next((c.finish_reason for c in output.outputs if c.finish_reason), "stop")
+            metrics.observe_finished(now - timing.arrival, timing.num_prompt_tokens, num_tokens,
+                                     reason)
+
+    def _fail_all(self, error: Exception) -> None:
+        for req_id, stream in list(self._streams.items()):
+            stream.put(error)
+            self._forget(req_id)
+            try:
+                self.engine.abort(req_id)
+            except Exception:
+                logger.exception("aborting request %s after a failed step failed", req_id)
+
+    def _update_stats(self) -> None:
+        self.stats = self.engine.get_stats()
+        if self.metrics is not None:
+            self.metrics.update_engine(self.stats)

@@ -1,0 +1,157 @@
+"""`brim serve`: the OpenAI-compatible server. Flags keep vLLM's names where vLLM has them."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from brim.runtime.server.app import DEFAULT_MAX_REQUEST_BODY_BYTES
+
+logger = logging.getLogger("brim.runtime.server")
+
+API_KEY_ENV = "BRIM_API_KEY"
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve", help="serve a model over the OpenAI API",
+        description="Serve a model over the OpenAI API (/v1/completions, /v1/chat/completions) "
+                    "with Prometheus metrics at /metrics. Without --model it serves the bundled "
+                    "SmolLM2-135M-Instruct.")
+    model = p.add_argument_group("model")
+    model.add_argument("--model", default=None,
+                       help="checkpoint folder (config.json, *.safetensors, tokenizer); "
+                            "default: the bundled SmolLM2-135M-Instruct")
+    model.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                       help="name(s) clients pass as `model`; the first labels the metrics "
+                            "(default: the model folder's name)")
+    model.add_argument("--dtype", default="auto",
+                       help="auto, float32, bfloat16 or float16 (auto: the checkpoint's; "
+                            "float32 on CPU)")
+    model.add_argument("--max-model-len", default=None, metavar="N|25.6k|auto",
+                       help="longest prompt + output per request, in tokens; 'auto' takes the "
+                            "model's limit, lowered to what the KV cache holds (default: the "
+                            "model's limit)")
+    model.add_argument("--allow-long-max-model-len", action="store_true",
+                       help="allow --max-model-len above the model's own limit")
+    model.add_argument("--cache-dir", default=None,
+                       help="where the bundled model is converted (default: $BRIM_CACHE_DIR or "
+                            "~/.cache/brim)")
+
+    engine = p.add_argument_group("engine")
+    engine.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="auto: cuda when a GPU is visible, else cpu")
+    engine.add_argument("--gpu-memory-utilization", type=float, default=0.90,
+                        help="share of GPU memory brim may use; the KV cache gets what weights "
+                             "and activations leave (default 0.90)")
+    engine.add_argument("--max-num-seqs", type=int, default=None,
+                        help="most requests in one engine step (default 256)")
+    engine.add_argument("--max-num-batched-tokens", default=None,
+                        help="most tokens in one engine step (default 2048 on CPU, 8192 on GPU)")
+    engine.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    engine.add_argument("--num-gpu-blocks", "--num-gpu-blocks-override", dest="num_gpu_blocks",
+                        type=int, default=None,
+                        help="KV-cache blocks: a cap on GPU, the exact count on CPU")
+    engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                        default=False, help="reuse the KV of shared prompt prefixes")
+    engine.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                        help="GPUs per model copy (brim's engine runs on one: only 1)")
+    engine.add_argument("--seed", type=int, default=0, help="seed of requests without their own")
+
+    server = p.add_argument_group("server")
+    server.add_argument("--host", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
+    server.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    server.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
+                        help=f"require 'Authorization: Bearer KEY' on every path but /health "
+                             f"and /metrics (default: ${API_KEY_ENV})")
+    server.add_argument("--max-queue-len", type=int, default=None,
+                        help="answer 503 while this many requests wait (default: no limit)")
+    server.add_argument("--max-request-body-bytes", type=int,
+                        default=DEFAULT_MAX_REQUEST_BODY_BYTES,
+                        help=f"answer 413 to larger bodies (default "
+                             f"{DEFAULT_MAX_REQUEST_BODY_BYTES})")
+    server.add_argument("--enable-vllm-metrics", action="store_true",
+                        help="also export metrics under vLLM's names (vllm:kv_cache_usage_perc, "
+                             "...) for existing vLLM dashboards and autoscalers")
+    server.add_argument("--uvicorn-log-level", default="info",
+                        choices=["critical", "error", "warning", "info", "debug", "trace"])
+    p.set_defaults(func=run_serve)
+
+
+def create_engine(args: argparse.Namespace):
+    """Build the engine from the flags; `--max-model-len auto` retries once, shortened."""
+    from brim.runtime.config import EngineConfig
+    from brim.runtime.engine.engine import Engine
+    from brim.runtime.engine.errors import KVCacheTooSmallError
+    from brim.runtime.engine.llm import resolve_device
+
+    if args.tensor_parallel_size != 1:
+        raise ValueError(f"--tensor-parallel-size {args.tensor_parallel_size} is not supported: "
+                         "brim's engine runs a model on one GPU. Use 1, or a model that fits "
+                         "one GPU.")
+    model = args.model
+    if model is None:
+        from brim.runtime.models.bundled import bundled_model_path
+
+        model = str(bundled_model_path(args.cache_dir))
+    is_auto = str(args.max_model_len).lower() == "auto"
+
+    def build(max_model_len):
+        config = EngineConfig.create(
+            model, dtype=args.dtype, max_model_len=max_model_len,
+            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+            block_size=args.block_size, num_gpu_blocks=args.num_gpu_blocks,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            enable_prefix_caching=args.enable_prefix_caching,
+            allow_long_max_model_len=args.allow_long_max_model_len, seed=args.seed,
+            device=resolve_device(args.device))
+        return Engine(config)
+
+    try:
+        return build(None if is_auto else args.max_model_len)
+    except KVCacheTooSmallError as exc:
+        if not is_auto:
+            raise
+        fitted = exc.capacity
+        logger.warning("--max-model-len auto: the model's %d tokens do not fit the KV cache; "
+                       "serving with max_model_len=%d, what the KV cache holds",
+                       exc.max_model_len, fitted)
+        return build(fitted)
+
+
+def log_memory_plan(engine, host: str, port: int, model_name: str) -> None:
+    report = engine.memory_report
+    logger.info(
+        "memory plan on %s: weights %.2f GiB; KV cache %.2f GiB = # GPU blocks: %d (%d tokens, "
+        "%d per block, %d bytes per token); max_model_len=%d; maximum concurrency at "
+        "max_model_len: %.2fx",
+        report["device"], report["weights_bytes"] / 2**30,
+        report.get("kv_cache_bytes", report["kv_cache_tokens"] * report["kv_bytes_per_token"])
+        / 2**30, report["num_gpu_blocks"], report["kv_cache_tokens"], report["block_size"],
+        report["kv_bytes_per_token"], report["max_model_len"], report["max_concurrency"])
+    shown = "localhost" if host in ("0.0.0.0", "::") else host
+    logger.info("serving %s at http://%s:%d/v1 (metrics at /metrics)", model_name, shown, port)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from brim.runtime.server.app import ServerSettings, build_app
+
+    try:
+        engine = create_engine(args)
+        names = args.served_model_name or [engine.config.model.path.name]
+        settings = ServerSettings(served_model_names=names, api_key=args.api_key or None,
+                                  max_queue_len=args.max_queue_len,
+                                  max_request_body_bytes=args.max_request_body_bytes,
+                                  enable_vllm_metrics=args.enable_vllm_metrics)
+        app = build_app(engine, settings, gpu_memory_utilization=args.gpu_memory_utilization)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"brim serve: {exc}", file=sys.stderr)
+        return 2
+    log_memory_plan(engine, args.host, args.port, names[0])
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
+                timeout_graceful_shutdown=5)
+    return 0

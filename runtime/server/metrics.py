@@ -1,0 +1,216 @@
+"""Prometheus metrics about the KV cache, the queues and request latency.
+
+Every series is named `brim_*` and labelled with `model_name`. With
+`enable_vllm_metrics`, the series vLLM also has are exported a second time under
+vLLM's names (`vllm:kv_cache_usage_perc`, `vllm:num_requests_waiting`, ...) so that
+dashboards and autoscalers written for vLLM work unchanged.
+
+Each ServerMetrics owns its CollectorRegistry (not the process-global one), so several
+apps can live in one process (tests do).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
+_ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
+                7.5, 10.0, 20.0, 40.0, 80.0)
+_REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+                    60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+
+def length_buckets(max_len: int) -> tuple[int, ...]:
+    """1, 2, 5, 10, 20, 50, ... up to max_len (and max_len itself)."""
+    buckets, scale = [], 1
+    while True:
+        for step in (1, 2, 5):
+            value = step * scale
+            if value >= max_len:
+                return tuple(buckets + [max_len])
+            buckets.append(value)
+        scale *= 10
+
+
+@dataclass(frozen=True, slots=True)
+class MetricSpec:
+    key: str  # how the code refers to it
+    kind: type  # Gauge, Counter or Histogram
+    name: str  # brim's name (counters: without `_total`, which the client appends)
+    doc: str
+    vllm_names: tuple[str, ...] = ()
+    buckets: str | None = None  # "ttft", "itl", "request", "length"
+    labels: tuple[str, ...] = ()
+
+
+SPECS = (
+    # -- KV cache (gauges, from the engine after every step) --
+    MetricSpec("kv_usage", Gauge, "brim_kv_cache_usage_ratio",
+               "Fraction of KV-cache blocks in use by requests (0 to 1).",
+               ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")),
+    MetricSpec("blocks_total", Gauge, "brim_kv_cache_blocks_total",
+               "KV-cache blocks allocated at start-up."),
+    MetricSpec("blocks_free", Gauge, "brim_kv_cache_blocks_free",
+               "KV-cache blocks no request holds (cached blocks included)."),
+    MetricSpec("blocks_used", Gauge, "brim_kv_cache_blocks_used",
+               "KV-cache blocks held by running requests."),
+    MetricSpec("blocks_cached", Gauge, "brim_kv_cache_blocks_cached",
+               "KV-cache blocks holding a reusable prefix (prefix caching)."),
+    MetricSpec("capacity_tokens", Gauge, "brim_kv_cache_capacity_tokens",
+               "Tokens the KV cache holds: blocks x block_size."),
+    # -- queues --
+    MetricSpec("running", Gauge, "brim_num_requests_running",
+               "Requests in the running batch.", ("vllm:num_requests_running",)),
+    MetricSpec("waiting", Gauge, "brim_num_requests_waiting",
+               "Requests waiting to be scheduled (preempted ones included).",
+               ("vllm:num_requests_waiting",)),
+    # -- counters (deltas of the engine's cumulative counts) --
+    MetricSpec("preemptions", Counter, "brim_num_preemptions",
+               "Requests preempted (KV freed, recomputed later) for lack of KV blocks.",
+               ("vllm:num_preemptions",)),
+    MetricSpec("prompt_tokens", Counter, "brim_prompt_tokens",
+               "Prompt tokens prefilled.", ("vllm:prompt_tokens",)),
+    MetricSpec("generation_tokens", Counter, "brim_generation_tokens",
+               "Tokens generated.", ("vllm:generation_tokens",)),
+    MetricSpec("prefix_queries", Counter, "brim_prefix_cache_queries",
+               "Prompt tokens looked up in the prefix cache.", ("vllm:prefix_cache_queries",)),
+    MetricSpec("prefix_hits", Counter, "brim_prefix_cache_hits",
+               "Prompt tokens found in the prefix cache.", ("vllm:prefix_cache_hits",)),
+    MetricSpec("request_success", Counter, "brim_request_success",
+               "Requests finished, by finish reason (stop, length, abort).",
+               ("vllm:request_success",), labels=("finished_reason",)),
+    # -- per-request histograms --
+    MetricSpec("ttft", Histogram, "brim_time_to_first_token_seconds",
+               "Arrival to first generated token.", ("vllm:time_to_first_token_seconds",),
+               "ttft"),
+    MetricSpec("itl", Histogram, "brim_inter_token_latency_seconds",
+               "Time between consecutive tokens of a request.",
+               ("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds"),
+               "itl"),
+    MetricSpec("e2e", Histogram, "brim_e2e_request_latency_seconds",
+               "Arrival to last token, for requests that finished.",
+               ("vllm:e2e_request_latency_seconds",), "request"),
+    MetricSpec("queue_time", Histogram, "brim_request_queue_time_seconds",
+               "Arrival to the start of the engine step that produced the first token.",
+               ("vllm:request_queue_time_seconds",), "request"),
+    MetricSpec("prompt_len", Histogram, "brim_request_prompt_tokens",
+               "Prompt length of finished requests, in tokens.",
+               ("vllm:request_prompt_tokens",), "length"),
+    MetricSpec("generation_len", Histogram, "brim_request_generation_tokens",
+               "Generated tokens of finished requests (all n completions).",
+               ("vllm:request_generation_tokens",), "length"),
+    # -- configuration --
+    MetricSpec("cache_config", Gauge, "brim_cache_config_info",
+               "KV-cache configuration (always 1; the labels carry the values).",
+               ("vllm:cache_config_info",),
+               labels=("block_size", "num_gpu_blocks", "max_model_len",
+                       "gpu_memory_utilization")),
+)
+
+# Engine stat -> counter key, for the counters fed from cumulative engine counts.
+_COUNTER_STATS = {
+    "num_preemptions": "preemptions",
+    "num_prompt_tokens": "prompt_tokens",
+    "num_generation_tokens": "generation_tokens",
+    "prefix_cache_queries": "prefix_queries",
+    "prefix_cache_hits": "prefix_hits",
+}
+
+
+class ServerMetrics:
+    """The metrics of one served model.
+
+    cache_config: block_size, num_gpu_blocks, max_model_len, gpu_memory_utilization.
+    """
+
+    def __init__(self, model_name: str, cache_config: dict, *,
+                 enable_vllm_metrics: bool = False) -> None:
+        self.model_name = model_name
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.enable_vllm_metrics = enable_vllm_metrics
+        bucket_sets = {
+            "ttft": _TTFT_BUCKETS,
+            "itl": _ITL_BUCKETS,
+            "request": _REQUEST_BUCKETS,
+            "length": length_buckets(int(cache_config["max_model_len"])),
+        }
+        self._metrics: dict[str, list] = {}
+        for spec in SPECS:
+            names = (spec.name,) + (spec.vllm_names if enable_vllm_metrics else ())
+            kwargs = {"buckets": bucket_sets[spec.buckets]} if spec.buckets else {}
+            self._metrics[spec.key] = [
+                spec.kind(name, spec.doc, ("model_name",) + spec.labels, registry=self.registry,
+                          **kwargs)
+                for name in names
+            ]
+        self._last_counts = dict.fromkeys(_COUNTER_STATS, 0)
+        self._set("cache_config", 1, **{k: str(cache_config[k]) for k in
+                                        ("block_size", "num_gpu_blocks", "max_model_len",
+                                         "gpu_memory_utilization")})
+        self._set("capacity_tokens",
+                  int(cache_config["num_gpu_blocks"]) * int(cache_config["block_size"]))
+        # Create the labelled children now, so every series exists (at 0) before traffic.
+        for key in ("ttft", "itl", "e2e", "queue_time", "prompt_len", "generation_len",
+                    *_COUNTER_STATS.values()):
+            for metric in self._metrics[key]:
+                metric.labels(model_name=model_name)
+        for reason in ("stop", "length", "abort"):
+            for metric in self._metrics["request_success"]:
+                metric.labels(model_name=model_name, finished_reason=reason)
+
+    def _children(self, key: str, labels: dict):
+        return [m.labels(model_name=self.model_name, **labels) for m in self._metrics[key]]
+
+    def _set(self, key: str, value: float, **labels) -> None:
+        for child in self._children(key, labels):
+            child.set(value)
+
+    def _inc(self, key: str, amount: float = 1, **labels) -> None:
+        for child in self._children(key, labels):
+            child.inc(amount)
+
+    def _observe(self, key: str, value: float) -> None:
+        for child in self._children(key, {}):
+            child.observe(value)
+
+    # -- updates ----------------------------------------------------------------------------
+
+    def update_engine(self, stats) -> None:
+        """Gauges from a stats snapshot; counters grow by the engine counters' deltas."""
+        self._set("kv_usage", stats.kv_cache_usage)
+        self._set("blocks_total", stats.num_total_blocks)
+        self._set("blocks_free", stats.num_free_blocks)
+        self._set("blocks_used", stats.num_used_blocks)
+        self._set("blocks_cached", stats.num_cached_blocks)
+        self._set("running", stats.num_running)
+        self._set("waiting", stats.num_waiting)
+        for stat, key in _COUNTER_STATS.items():
+            value = getattr(stats, stat)
+            delta = value - self._last_counts[stat]
+            if delta > 0:
+                self._inc(key, delta)
+            self._last_counts[stat] = value
+
+    def observe_first_token(self, ttft: float, queue_time: float) -> None:
+        self._observe("ttft", ttft)
+        self._observe("queue_time", max(queue_time, 0.0))
+
+    def observe_inter_token(self, seconds: float) -> None:
+        self._observe("itl", seconds)
+
+    def observe_finished(self, e2e: float, num_prompt_tokens: int, num_generation_tokens: int,
+                         finish_reason: str) -> None:
+        self._observe("e2e", e2e)
+        self._observe("prompt_len", num_prompt_tokens)
+        self._observe("generation_len", num_generation_tokens)
+        self.observe_finished_reason(finish_reason)
+
+    def observe_finished_reason(self, finish_reason: str) -> None:
+        self._inc("request_success", finished_reason=finish_reason)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
