@@ -64,15 +64,21 @@ def make_scheduler(
     return Scheduler(config, kv_cache)
 
 
-def run_step(scheduler: Scheduler, tokens: dict[str, int] | None = None,
-             default_token: int = 7) -> SchedulerOutput:
-    """One engine step without a model: schedule, then hand every sampling request a
-    token (tokens[req_id], else default_token) as the sampler would."""
-    out = scheduler.schedule()
+def feed(scheduler: Scheduler, out: SchedulerOutput, tokens: dict[str, int] | None = None,
+         default_token: int = 7) -> None:
+    """Play the sampler: hand every request whose step samples a token (tokens[req_id],
+    else default_token). `samples` is read before update() appends to the request."""
     tokens = tokens or {}
     sampled = {s.request.req_id: tokens.get(s.request.req_id, default_token)
                for s in out.scheduled if s.samples}
     scheduler.update(out, sampled)
+
+
+def run_step(scheduler: Scheduler, tokens: dict[str, int] | None = None,
+             default_token: int = 7) -> SchedulerOutput:
+    """One engine step without a model: schedule, then feed."""
+    out = scheduler.schedule()
+    feed(scheduler, out, tokens, default_token)
     return out
 
 
