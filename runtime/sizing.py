@@ -390,7 +390,16 @@ def plan(
                       if facts.num_kv_heads % tp == 0 and facts.num_attention_heads % tp == 0
                       and (num_gpus is None or tp <= num_gpus)] or [1]
     else:
-        candidates = [int(tensor_parallel_size)]
+        tp = int(tensor_parallel_size)
+        if tp < 1 or facts.num_attention_heads % tp:
+            raise ValueError(
+                f"tensor_parallel_size={tp} must be >= 1 and divide the model's "
+                f"{facts.num_attention_heads} attention heads; use one of "
+                f"{[n for n in TENSOR_PARALLEL_CANDIDATES if facts.num_attention_heads % n == 0]}"
+                " or 'auto'")
+        candidates = [tp]
+    if min_concurrency < 1:
+        raise ValueError(f"min_concurrency must be >= 1, got {min_concurrency}")
     settings = dict(
         hf_config=hf_config, facts=facts, checkpoint_dir=checkpoint_dir, derived=derived,
         gpu_memory_bytes=int(gpu_memory_bytes), max_num_seqs=max_num_seqs,

@@ -185,3 +185,8 @@ def test_plan_reads_a_checkpoint_folder(tmp_path):
 def test_missing_config_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         plan(tmp_path, gpu_memory_bytes=GiB)
+
+
+def test_tensor_parallel_must_divide_heads():
+    with pytest.raises(ValueError, match=r"divide the model's 9 attention heads; use one of \[1\]"):
+        plan(SMOL, gpu_memory_bytes=80 * GiB, tensor_parallel_size=2)
