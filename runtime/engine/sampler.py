@@ -40,8 +40,10 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
         probs = sorted_logits.masked_fill(remove, float("-inf")).softmax(dim=-1)
         # Keep the smallest prefix whose mass reaches top_p: drop a token when the mass
         # before it already does. The first token always stays.
+        # Rows with top_p = 1 are exempt: float32 cumsum can reach 1.0 before the tail,
+        # which would drop tail tokens of a row that asked for no restriction.
         mass_before = probs.cumsum(dim=-1) - probs
-        remove |= mass_before >= top_p[:, None]
+        remove |= (mass_before >= top_p[:, None]) & (top_p[:, None] < 1)
         remove[:, 0] = False
         logits.scatter_(1, order, sorted_logits.masked_fill(remove, float("-inf")))
     if bool((min_p > 0).any()):
@@ -59,9 +61,11 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
         """logits: [S, V] for the S requests that sample this step, in order."""
         logits = logits.float()
-        apply_min_tokens(logits, requests)
+        # Logprobs are the model's own distribution (vLLM's raw_logprobs): taken before
+        # min_tokens masks EOS, so a masked EOS still shows its probability and rank.
         want_logprobs = any(r.params.logprobs is not None for r in requests)
         raw_logprobs = logits.log_softmax(dim=-1) if want_logprobs else None
+        apply_min_tokens(logits, requests)
 
         greedy = torch.tensor([r.params.is_greedy for r in requests], device=logits.device)
         token_ids = logits.argmax(dim=-1)
