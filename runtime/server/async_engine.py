@@ -189,7 +189,8 @@ class AsyncEngine:
     async def _run(self) -> None:
         engine = self.engine
         while True:
-            self._apply_pending()
+            if self._apply_pending():
+                self._update_stats()  # the waiting count includes what was just added
             if not engine.has_unfinished_requests():
                 self._update_stats()
                 self._wakeup.clear()
@@ -208,7 +209,8 @@ class AsyncEngine:
             self._dispatch(outputs, step_start, time.monotonic())
             self._update_stats()
 
-    def _apply_pending(self) -> None:
+    def _apply_pending(self) -> bool:
+        """Aborts first (they free blocks), then adds; True if there was anything."""
         engine = self.engine
         aborts, self._pending_aborts = self._pending_aborts, []
         for req_id in aborts:
@@ -226,6 +228,7 @@ class AsyncEngine:
                 add.accepted.set_exception(exc)
             else:
                 add.accepted.set_result(None)
+        return bool(aborts or adds)
 
     def _dispatch(self, outputs: list[RequestOutput], step_start: float, step_end: float) -> None:
         for output in outputs:

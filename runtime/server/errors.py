@@ -83,6 +83,9 @@ def from_validation_error(exc: ValidationError) -> APIError:
 def sampling_error(exc: ValueError, known_params: set[str]) -> APIError:
     """A SamplingParams check ("top_p must be in (0, 1], got 2.0") as a 400 naming its param."""
     message = str(exc)
-    first_word = message.split(" ", 1)[0]
-    param = first_word if first_word in known_params else None
-    return invalid_param(param, f"Invalid value for '{param}': {message}." if param else message)
+    first_word, _, rest = message.partition(" ")
+    if first_word not in known_params:
+        return invalid_param(None, message)
+    if rest.startswith("must "):  # "top_p must be in (0, 1], got 2.0"
+        message = f"Invalid value for '{first_word}': {rest}."
+    return invalid_param(first_word, message)
