@@ -27,9 +27,16 @@ class IncrementalDetokenizer:
     def add(self, token_id: int) -> str:
         self.ids.append(token_id)
         prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        # Only a prompt given as token ids can leave the read window inside a UTF-8
+        # character (later windows end on complete text). Those bytes are not text yet: the
+        # character they start belongs to this delta, and the next window must not start
+        # inside it. (The cost: a prompt ending in a literal U+FFFD repeats it once.)
+        is_cut = prefix.endswith("\ufffd")
+        prefix = prefix.rstrip("\ufffd")
         text = self._decode(self.ids[self.prefix_offset :])
         if len(text) > len(prefix) and not text.endswith("\ufffd"):
-            self.prefix_offset = self.read_offset
+            if not is_cut:
+                self.prefix_offset = self.read_offset
             self.read_offset = len(self.ids)
             return text[len(prefix) :]
         return ""
