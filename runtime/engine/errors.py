@@ -16,6 +16,13 @@ class PromptTooLongError(ValueError):
                 f"has {prompt_len} tokens, which leaves no room for output. Shorten the prompt to "
                 f"at most {max_model_len - 1} tokens."
             )
+        elif max_tokens >= max_model_len:
+            # No prompt could fit: "only -904 tokens are available" would be no help.
+            message = (
+                f"Your max_tokens={max_tokens} request alone fills max_model_len={max_model_len} "
+                f"(prompt plus output), leaving no room for your prompt of {prompt_len} tokens. "
+                f"Lower max_tokens to {max_model_len - prompt_len} or less."
+            )
         else:
             available = max_model_len - max_tokens
             message = (

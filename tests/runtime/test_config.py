@@ -174,6 +174,16 @@ def test_prompt_plus_max_tokens_spells_out_the_budget():
     assert "Shorten the prompt by 404 tokens or lower max_tokens to 26596." in str(error)
 
 
+def test_max_tokens_alone_over_max_model_len_asks_only_to_lower_max_tokens():
+    for max_tokens in (4096, 5000):
+        message = str(PromptTooLongError(10, max_tokens, 4096))
+        assert message == (
+            f"Your max_tokens={max_tokens} request alone fills max_model_len=4096 (prompt plus "
+            "output), leaving no room for your prompt of 10 tokens. Lower max_tokens to 4086 or "
+            "less."
+        )
+
+
 def test_prompt_alone_too_long_has_its_own_message():
     for error in (PromptTooLongError(4096, None, 4096), PromptTooLongError(5000, 10, 4096)):
         message = str(error)
