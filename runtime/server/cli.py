@@ -82,15 +82,15 @@ def register(subparsers) -> None:
 
 def create_engine(args: argparse.Namespace):
     """Build the engine from the flags; `--max-model-len auto` retries once, shortened."""
+    if args.tensor_parallel_size != 1:
+        raise ValueError(f"--tensor-parallel-size {args.tensor_parallel_size} is not supported: "
+                         "brim's engine runs a model on one GPU. Use 1, or a model that fits "
+                         "one GPU.")
     from brim.runtime.config import EngineConfig
     from brim.runtime.engine.engine import Engine
     from brim.runtime.engine.errors import KVCacheTooSmallError
     from brim.runtime.engine.llm import resolve_device
 
-    if args.tensor_parallel_size != 1:
-        raise ValueError(f"--tensor-parallel-size {args.tensor_parallel_size} is not supported: "
-                         "brim's engine runs a model on one GPU. Use 1, or a model that fits "
-                         "one GPU.")
     model = args.model
     if model is None:
         from brim.runtime.models.bundled import bundled_model_path
