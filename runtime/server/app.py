@@ -254,7 +254,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         prompt = _chat_prompt(state, req)
         params = serving.build_sampling_params(req, max_tokens, num_logprobs)
         serving.check_prompt(prompt, max_tokens, state.max_model_len, state.vocab_size,
-                             "messages")
+                             "messages", param)
         state.check_queue()
         job = serving.new_job("chat", model, [prompt], params, num_logprobs,
                               include_usage=_include_usage(req))

@@ -88,7 +88,7 @@ def build_sampling_params(req: p.SamplingFields, max_tokens: int | None,
 
 
 def check_prompt(prompt: Prompt, max_tokens: int | None, max_model_len: int, vocab_size: int,
-                 prompt_param: str) -> None:
+                 prompt_param: str, max_tokens_param: str = "max_tokens") -> None:
     """The engine's own admission rules, checked before queueing so errors come back at once."""
     num_tokens = len(prompt.token_ids)
     if num_tokens == 0:
@@ -100,13 +100,14 @@ def check_prompt(prompt: Prompt, max_tokens: int | None, max_model_len: int, voc
     if num_tokens >= max_model_len or (max_tokens is not None
                                        and num_tokens + max_tokens > max_model_len):
         raise context_length_error(PromptTooLongError(num_tokens, max_tokens, max_model_len),
-                                   prompt_param)
+                                   prompt_param, max_tokens_param)
 
 
-def context_length_error(exc: PromptTooLongError, prompt_param: str) -> APIError:
+def context_length_error(exc: PromptTooLongError, prompt_param: str,
+                         max_tokens_param: str = "max_tokens") -> APIError:
     # The prompt alone too long: blame the prompt. Otherwise max_tokens is what to lower.
     prompt_at_fault = exc.max_tokens is None or exc.prompt_len >= exc.max_model_len
-    return APIError(400, str(exc), param=prompt_param if prompt_at_fault else "max_tokens",
+    return APIError(400, str(exc), param=prompt_param if prompt_at_fault else max_tokens_param,
                     code="context_length_exceeded")
 
 

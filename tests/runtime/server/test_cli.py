@@ -81,3 +81,35 @@ def test_max_model_len_above_the_model_is_refused(capsys, bundled_model_dir):
     err = capsys.readouterr().err
     assert err.startswith("brim serve: max_model_len=25600 is longer than the model's maximum "
                           "of 8192 tokens")
+
+
+def test_max_model_len_auto_shrinks_to_the_kv_cache(monkeypatch, bundled_model_dir):
+    """`auto` asks for the model's limit and retries once with what the KV cache holds."""
+    import argparse
+
+    from brim.runtime.engine import engine as engine_module
+    from brim.runtime.engine.errors import KVCacheTooSmallError
+    from brim.runtime.server.cli import create_engine, register
+
+    built = []
+
+    class SmallCacheEngine:
+        def __init__(self, config):
+            built.append(config.model.max_model_len)
+            if config.model.max_model_len > 256:
+                raise KVCacheTooSmallError(16, 16, config.model.max_model_len, "raise it")
+            self.config = config
+
+    monkeypatch.setattr(engine_module, "Engine", SmallCacheEngine)
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["serve", "--model", str(bundled_model_dir), "--device", "cpu",
+                              "--max-model-len", "auto", "--num-gpu-blocks", "16"])
+    engine = create_engine(args)
+    assert built == [8192, 256]
+    assert engine.config.model.max_model_len == 256
+    fixed = parser.parse_args(["serve", "--model", str(bundled_model_dir), "--device", "cpu",
+                               "--max-model-len", "1k"])
+    with pytest.raises(KVCacheTooSmallError):
+        create_engine(fixed)  # an explicit length is never shortened silently
+    assert built[-1] == 1000

@@ -55,6 +55,17 @@ def test_prompt_alone_too_long_gets_its_own_message(live_url):
 
 
 @live
+def test_max_tokens_alone_filling_the_context(live_url):
+    response = httpx.post(f"{live_url}/v1/completions",
+                          json={"model": MODEL, "prompt": [1000] * 10, "max_tokens": 300})
+    error = error_of(response, 400)
+    assert error["message"] == (
+        "Your max_tokens=300 request alone fills max_model_len=256 (prompt plus output), "
+        "leaving no room for your prompt of 10 tokens. Lower max_tokens to 246 or less.")
+    assert error["param"] == "max_tokens"
+
+
+@live
 def test_chat_context_length_without_max_tokens(live_url):
     messages = [{"role": "user", "content": "hello " * 300}]
     error = error_of(httpx.post(f"{live_url}/v1/chat/completions",
@@ -72,6 +83,7 @@ def test_context_length_through_the_openai_client(live_url):
                                        messages=[{"role": "user", "content": "hi " * 20}])
     assert info.value.status_code == 400
     assert info.value.code == "context_length_exceeded"
+    assert info.value.param == "max_completion_tokens"
     assert "Given your max_tokens=250 request and max_model_len=256, only 6 tokens" in str(
         info.value)
 
