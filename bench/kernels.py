@@ -91,7 +91,7 @@ def check_parity() -> float:
 
 def bench_decode(copy_bw: float, batches, contexts) -> list[dict]:
     from brim.kernels import paged_attention
-    from brim.kernels.paged_attention import decode_config, num_decode_splits
+    from brim.kernels.paged_attention_triton import decode_config, num_decode_splits
 
     rows = []
     sms = torch.cuda.get_device_properties(0).multi_processor_count

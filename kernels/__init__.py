@@ -53,7 +53,7 @@ def paged_attention(
     read-back. out (optional) receives the result and is returned.
     """
     if _pick_backend(backend, q) == "triton":
-        from brim.kernels.paged_attention import paged_attention_triton
+        from brim.kernels.paged_attention_triton import paged_attention_triton
 
         return paged_attention_triton(
             q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
@@ -76,7 +76,7 @@ def store_kv(
 ) -> None:
     """Write each token's K and V into its cache slot; slot -1 (padding) is skipped."""
     if _pick_backend(backend, key) == "triton":
-        from brim.kernels.store_kv import store_kv_triton
+        from brim.kernels.store_kv_triton import store_kv_triton
 
         store_kv_triton(key, value, k_cache, v_cache, slot_mapping)
     else:

@@ -23,8 +23,8 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 
-from brim.kernels.paged_attention import IS_INTERPRETED, plan_launches
-from brim.kernels.store_kv import plan_store_kv
+from brim.kernels.paged_attention_triton import IS_INTERPRETED, plan_launches
+from brim.kernels.store_kv_triton import plan_store_kv
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 HEAD_DIMS = (64, 80, 96, 128, 256)

@@ -1,7 +1,8 @@
 """Kernel tests run the Triton kernels through Triton's interpreter where there is no GPU.
 
 `triton.jit` decides between compiler and interpreter when a kernel is decorated, i.e. when
-`brim.kernels.paged_attention` / `brim.kernels.store_kv` are first imported, reading
+`brim.kernels.paged_attention_triton` / `brim.kernels.store_kv_triton` are first imported,
+reading
 TRITON_INTERPRET at that moment. brim.kernels imports them lazily, and nothing outside
 the Triton backend does, so setting the variable here (before the test modules of this
 folder are imported) is enough; `tests/conftest.py` is not needed. The guard below fails
@@ -16,10 +17,11 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-    _launcher = sys.modules.get("brim.kernels.paged_attention")
+    _launcher = sys.modules.get("brim.kernels.paged_attention_triton")
     if _launcher is not None and not _launcher.IS_INTERPRETED:
-        raise RuntimeError("brim.kernels.paged_attention was imported before TRITON_INTERPRET=1 "
-                           "was set: its kernels were built for a GPU that is not there")
+        raise RuntimeError("brim.kernels.paged_attention_triton was imported before "
+                           "TRITON_INTERPRET=1 was set: its kernels were built for a GPU "
+                           "that is not there")
 
 
 @pytest.fixture

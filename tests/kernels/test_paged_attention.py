@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from brim.kernels import paged_attention, paged_attention_ref
-from brim.kernels.paged_attention import paged_attention_triton
+from brim.kernels.paged_attention_triton import paged_attention_triton
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 NAN = float("nan")
@@ -133,7 +133,7 @@ def test_default_backend_is_triton_under_interpreter(seed, monkeypatch):
     batch = make_batch(mixed_seqs(16), num_kv_heads=1, group=2, head_dim=64, block_size=16,
                        dtype=torch.float32)
     calls = []
-    import brim.kernels.paged_attention as launcher
+    import brim.kernels.paged_attention_triton as launcher
     original = launcher.paged_attention_triton
     monkeypatch.setattr(launcher, "paged_attention_triton",
                         lambda *a, **k: calls.append(1) or original(*a, **k))
@@ -151,3 +151,18 @@ def test_unknown_backend_is_refused():
     q = torch.zeros(1, 1, 64)
     with pytest.raises(ValueError, match="backend must be one of"):
         paged_attention(q, q, q, q, q, q, 1.0, backend="cuda")
+
+
+def test_entry_points_stay_functions_after_triton_use(seed):
+    """Submodules must not share the entry points' names: importing a submodule binds it
+    as an attribute of brim.kernels, which would shadow the function of the same name."""
+    import brim.kernels
+
+    batch = make_batch([(3, 1)], num_kv_heads=1, group=2, head_dim=64, block_size=16,
+                       dtype=torch.float32)
+    brim.kernels.paged_attention(*batch, 0.125, backend="triton")
+    brim.kernels.store_kv(batch[1][0, :1], batch[2][0, :1], batch[1], batch[2],
+                          torch.tensor([0]), backend="triton")
+    assert callable(brim.kernels.paged_attention) and callable(brim.kernels.store_kv)
+    assert brim.kernels.paged_attention.__module__ == "brim.kernels"
+    assert brim.kernels.store_kv.__module__ == "brim.kernels"
