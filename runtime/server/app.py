@@ -134,7 +134,7 @@ def build_app(engine, settings: ServerSettings, *, tokenizer=None,
     app = FastAPI(title="brim", version=_version(), lifespan=lifespan)
     app.state.brim = state
     _add_error_handlers(app)
-    _add_guards(app, settings)
+    app.add_middleware(Guard, settings=settings)
     _add_routes(app, state)
     return app
 
@@ -172,25 +172,40 @@ def _add_error_handlers(app: FastAPI) -> None:
                         "please report this with the request that caused it.").to_response()
 
 
-def _add_guards(app: FastAPI, settings: ServerSettings) -> None:
-    """API key and body size, checked before a handler reads anything."""
-    expected = f"Bearer {settings.api_key}".encode() if settings.api_key else None
+class Guard:
+    """API key and body size, checked before a handler reads anything.
 
-    @app.middleware("http")
-    async def guard(raw: Request, call_next):
-        if expected is not None and raw.url.path not in OPEN_PATHS:
-            given = raw.headers.get("authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
+    Plain ASGI rather than @app.middleware("http"): that wrapper re-plumbs `receive`, which
+    hides client disconnects from the handlers and buffers streaming responses.
+    """
+
+    def __init__(self, app, settings: ServerSettings) -> None:
+        self.app = app
+        self.limit = settings.max_request_body_bytes
+        self.expected = f"Bearer {settings.api_key}".encode() if settings.api_key else None
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            refusal = self.refusal(scope)
+            if refusal is not None:
+                await refusal.to_response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def refusal(self, scope) -> APIError | None:
+        headers = dict(scope.get("headers") or ())
+        if self.expected is not None and scope["path"] not in OPEN_PATHS:
+            if not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
                 return APIError(401, "Missing or wrong API key: send it as the header "
                                 "'Authorization: Bearer <key>' (the key the server was started "
-                                "with, --api-key).", code="invalid_api_key").to_response()
-        length = raw.headers.get("content-length")
-        if length is not None and length.isdigit():
+                                "with, --api-key).", code="invalid_api_key")
+        length = headers.get(b"content-length", b"")
+        if length.isdigit():
             try:
-                check_body_size(int(length), settings.max_request_body_bytes)
+                check_body_size(int(length), self.limit)
             except APIError as exc:
-                return exc.to_response()
-        return await call_next(raw)
+                return exc
+        return None
 
 
 def _add_routes(app: FastAPI, state: ServerState) -> None:

@@ -101,3 +101,17 @@ def wait_for_idle(url: str, timeout: float = 10.0) -> dict:
         if values["brim_num_requests_running"] == 0 or time.monotonic() > deadline:
             return values
         time.sleep(0.05)
+
+
+def test_non_streaming_client_leaving_aborts(live_url):
+    before = scrape(live_url)
+    body = {"model": MODEL, "prompt": "Tell me a long story.", "max_tokens": 250,
+            "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{live_url}/v1/completions", json=body, timeout=httpx.Timeout(30, read=0.5))
+    after = wait_for_idle(live_url)
+    assert after['brim_request_success_total{finished_reason="abort"}'] - before[
+        'brim_request_success_total{finished_reason="abort"}'] == 1
+    assert after["brim_kv_cache_blocks_used"] == 0
+    generated = after["brim_generation_tokens_total"] - before["brim_generation_tokens_total"]
+    assert 0 < generated < 250
