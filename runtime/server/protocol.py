@@ -9,7 +9,6 @@ with a 400 naming them (see `unsupported`). brim's extras beyond OpenAI: `top_k`
 
 from __future__ import annotations
 
-import time
 import uuid
 from typing import Literal
 
@@ -21,10 +20,6 @@ MAX_LOGPROBS = 20
 
 def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
-
-
-def now() -> int:
-    return int(time.time())
 
 
 class StreamOptions(BaseModel):
