@@ -10,6 +10,7 @@ These run the engine on CPU and are what the Triton kernels are tested against.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def store_kv_ref(
@@ -44,75 +45,79 @@ def paged_attention_ref(
 
     Sequence i's queries q[query_start_loc[i]:query_start_loc[i+1]] are the last
     positions of its seq_lens[i]-token context. A query at position p attends to
-    positions max(0, p - sliding_window + 1) .. p. Accumulates in float32.
+    positions max(0, p - sliding_window + 1) .. p. Computes in float32.
     Returns [num_tokens, num_heads, head_dim] in q's dtype.
     """
-    num_tokens, num_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[2]
-    group = num_heads // num_kv_heads
-    out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
-    num_seqs = len(lens)
-    query_lens = [starts[i + 1] - starts[i] for i in range(num_seqs)]
+    query_lens = [starts[i + 1] - starts[i] for i in range(len(lens))]
 
-    # Decode (one query per sequence) is the common case: do those sequences in one
-    # batched pass over a padded gather of their blocks.
-    decode = [i for i in range(num_seqs) if query_lens[i] == 1]
+    # Decode (one query per sequence) is the common case: those sequences go through one
+    # batched attention over a padded gather of their blocks.
+    decode = [i for i, n in enumerate(query_lens) if n == 1]
     if decode:
         idx = torch.tensor(decode, device=q.device)
         tokens = query_start_loc[:-1].long()[idx]
-        ctx = seq_lens.long()[idx]  # [D]
-        max_ctx = int(ctx.max())
-        num_blocks_needed = -(-max_ctx // k_cache.shape[1])
-        tables = block_tables[idx, :num_blocks_needed].long()  # [D, nb]
-        k = k_cache[tables].flatten(1, 2)[:, :max_ctx].float()  # [D, L, kvh, d]
-        v = v_cache[tables].flatten(1, 2)[:, :max_ctx].float()
-        qd = q[tokens].float().view(len(decode), num_kv_heads, group, head_dim)
-        scores = torch.einsum("bhgd,blhd->bhgl", qd, k) * scale  # [D, kvh, g, L]
-        pos = torch.arange(max_ctx, device=q.device)
-        allowed = pos[None, :] < ctx[:, None]  # [D, L]
-        if sliding_window is not None:
-            allowed &= pos[None, :] > (ctx[:, None] - 1 - sliding_window)
-        scores = scores.masked_fill(~allowed[:, None, None, :], float("-inf"))
-        probs = scores.softmax(dim=-1)
-        # Masked slots may hold stale values from earlier requests: zero them so that a
-        # zero weight times a non-finite value cannot poison the sum.
-        v = v.masked_fill(~allowed[:, :, None, None], 0.0)
-        o = torch.einsum("bhgl,blhd->bhgd", probs, v)
-        out[tokens] = o.reshape(len(decode), num_heads, head_dim).to(q.dtype)
-
-    for i in range(num_seqs):
-        if query_lens[i] == 1 or query_lens[i] == 0:
-            continue
-        out[starts[i] : starts[i + 1]] = _attend_one(
-            q[starts[i] : starts[i + 1]],
-            k_cache,
-            v_cache,
-            block_tables[i],
-            lens[i],
-            scale,
-            sliding_window,
-        ).to(q.dtype)
+        out[tokens] = _decode_batch(q[tokens], k_cache, v_cache, block_tables[idx],
+                                    seq_lens[idx], scale, sliding_window).to(q.dtype)
+    for i, n in enumerate(query_lens):
+        if n > 1:
+            out[starts[i] : starts[i + 1]] = _attend_one(
+                q[starts[i] : starts[i + 1]], k_cache, v_cache, block_tables[i], lens[i],
+                scale, sliding_window,
+            ).to(q.dtype)
     return out
+
+
+def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """The first `length` tokens of a sequence (or a batch of them): [..., length, kvh, d]."""
+    num_blocks = -(-length // cache.shape[1])
+    blocks = cache[block_table[..., :num_blocks].long()]  # [..., nb, block_size, kvh, d]
+    return blocks.flatten(-4, -3)[..., :length, :, :].float()
+
+
+def _decode_batch(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window):
+    """q [D, h, d], one query per sequence at position seq_len - 1."""
+    ctx = seq_lens.long()
+    max_ctx = int(ctx.max())
+    k = _gather(k_cache, block_tables, max_ctx)  # [D, L, kvh, d], padded to the longest
+    v = _gather(v_cache, block_tables, max_ctx)
+    pos = torch.arange(max_ctx, device=q.device)
+    allowed = pos[None, :] < ctx[:, None]  # [D, L]
+    if sliding_window is not None:
+        allowed &= pos[None, :] > ctx[:, None] - 1 - sliding_window
+    # Padding slots may hold anything (stale or never-written values): zero them so that
+    # a masked-out non-finite value cannot poison the sum.
+    k.masked_fill_(~allowed[:, :, None, None], 0.0)
+    v.masked_fill_(~allowed[:, :, None, None], 0.0)
+    o = F.scaled_dot_product_attention(
+        q.float()[:, :, None, :],  # [D, h, 1, d]
+        k.transpose(1, 2),  # [D, kvh, L, d]
+        v.transpose(1, 2),
+        attn_mask=allowed[:, None, None, :],
+        scale=scale,
+        enable_gqa=True,
+    )
+    return o[:, :, 0]
 
 
 def _attend_one(q, k_cache, v_cache, block_table, seq_len, scale, sliding_window):
     """One sequence: q [q_len, h, d] are positions seq_len - q_len .. seq_len - 1."""
-    q_len, num_heads, head_dim = q.shape
-    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    group = num_heads // num_kv_heads
-    num_blocks = -(-seq_len // block_size)
-    table = block_table[:num_blocks].long()
-    k = k_cache[table].flatten(0, 1)[:seq_len].float()  # [L, kvh, d]
-    v = v_cache[table].flatten(0, 1)[:seq_len].float()
-    qg = q.float().view(q_len, num_kv_heads, group, head_dim)
-    scores = torch.einsum("qhgd,lhd->hgql", qg, k) * scale  # [kvh, g, q, L]
-    q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)[:, None]
-    k_pos = torch.arange(seq_len, device=q.device)[None, :]
-    allowed = k_pos <= q_pos
-    if sliding_window is not None:
-        allowed &= k_pos > q_pos - sliding_window
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    o = torch.einsum("hgql,lhd->qhgd", scores.softmax(dim=-1), v)
-    return o.reshape(q_len, num_heads, head_dim)
+    q_len = q.shape[0]
+    k = _gather(k_cache, block_table, seq_len).transpose(0, 1)  # [kvh, L, d]
+    v = _gather(v_cache, block_table, seq_len).transpose(0, 1)
+    if q_len == seq_len and sliding_window is None:
+        mask, is_causal = None, True  # plain causal prefill: SDPA's fastest path
+    else:
+        q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)[:, None]
+        k_pos = torch.arange(seq_len, device=q.device)[None, :]
+        mask = k_pos <= q_pos
+        if sliding_window is not None:
+            mask &= k_pos > q_pos - sliding_window
+        is_causal = False
+    o = F.scaled_dot_product_attention(
+        q.float().transpose(0, 1), k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
+        enable_gqa=True,
+    )
+    return o.transpose(0, 1)  # [q_len, h, d]
