@@ -21,6 +21,7 @@ from brim.runtime.engine.model_runner import ModelRunner
 from brim.runtime.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from brim.runtime.engine.request import Request
 from brim.runtime.engine.scheduler import Scheduler
+from brim.runtime.models.llama import LlamaArgs
 from brim.runtime.models.loader import load_model, model_weights_bytes
 from brim.runtime.sampling_params import SamplingParams
 
@@ -73,21 +74,25 @@ class Engine:
         model_config = config.model
         self.max_model_len = model_config.max_model_len
         started = time.monotonic()
+        args = LlamaArgs.from_hf(model_config.hf_config)
+        dtype_bytes = DTYPES[model_config.dtype]
+        self.kv_bytes_per_token = (2 * args.num_layers * args.num_kv_heads * args.head_dim
+                                   * dtype_bytes)
+        block_size = config.cache.block_size
+        self.measured_memory: dict | None = None
+        if config.device == "cpu":
+            # Nothing to measure on CPU: refuse a too-small cache before loading weights.
+            self.num_gpu_blocks = self._determine_num_blocks()
+            self._check_capacity()
         self.tokenizer = load_tokenizer(model_config.path)
         self.model = load_model(model_config.path, model_config.hf_config, model_config.dtype,
                                 config.device)
         self.eos_token_ids = eos_token_ids(model_config.path, model_config.hf_config,
                                            self.tokenizer)
-        args = self.model.args
         self.vocab_size = args.vocab_size
-        dtype_bytes = DTYPES[model_config.dtype]
-        self.kv_bytes_per_token = 2 * args.num_layers * args.num_kv_heads * args.head_dim * dtype_bytes
-        block_size = config.cache.block_size
-        self.num_gpu_blocks = self._determine_num_blocks()
-        if self.num_gpu_blocks * block_size < self.max_model_len:
-            hint = ("raise num_gpu_blocks" if config.device == "cpu"
-                    else "raise gpu_memory_utilization or use a GPU with more memory")
-            raise KVCacheTooSmallError(self.num_gpu_blocks, block_size, self.max_model_len, hint)
+        if config.device != "cpu":
+            self.num_gpu_blocks = self._determine_num_blocks()
+            self._check_capacity()
         self.kv_cache = KVCacheManager(self.num_gpu_blocks, block_size,
                                        config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
@@ -108,6 +113,17 @@ class Engine:
             "max_model_len": self.max_model_len,
             "max_concurrency": kv_tokens / self.max_model_len,
         }
+        if self.measured_memory is not None:
+            self.memory_report["measured"] = {**self.measured_memory,
+                                              "num_gpu_blocks": self.num_gpu_blocks}
+            predicted = self._predicted_memory()
+            self.memory_report["predicted"] = predicted
+            if predicted is not None:
+                logger.info(
+                    "KV blocks predicted %d, measured %d; non-KV memory predicted %.2f GiB, "
+                    "measured %.2f GiB", predicted["num_gpu_blocks"], self.num_gpu_blocks,
+                    predicted["non_kv_bytes"] / 2**30,
+                    self.measured_memory["non_kv_bytes"] / 2**30)
         logger.info(
             "model %s loaded in %.1f s: weights %.2f GiB (%s) on %s",
             model_config.path.name, time.monotonic() - started,
@@ -121,6 +137,36 @@ class Engine:
         )
 
     # -- sizing ---------------------------------------------------------------------------
+
+    def _check_capacity(self) -> None:
+        block_size = self.config.cache.block_size
+        if self.num_gpu_blocks * block_size < self.max_model_len:
+            hint = ("raise num_gpu_blocks" if self.config.device == "cpu"
+                    else "raise gpu_memory_utilization or use a GPU with more memory")
+            raise KVCacheTooSmallError(self.num_gpu_blocks, block_size, self.max_model_len, hint)
+
+    def _predicted_memory(self) -> dict | None:
+        """The operator's prediction for this GPU, to log beside the measurement."""
+        if self.config.device != "cuda":
+            return None
+        from brim.runtime.sizing import plan
+
+        total = torch.cuda.mem_get_info()[1]
+        try:
+            predicted = plan(
+            str(self.config.model.path),
+            gpu_memory_bytes=total,
+            gpu_memory_utilization=self.config.cache.gpu_memory_utilization,
+            max_model_len=self.max_model_len,
+            max_num_seqs=self.config.scheduler.max_num_seqs,
+            max_num_batched_tokens=self.config.scheduler.max_num_batched_tokens,
+            block_size=self.config.cache.block_size,
+            dtype=self.config.model.dtype,
+            )
+        except (ValueError, KeyError) as exc:  # a prediction never stops a measured start
+            logger.warning("could not predict memory for comparison: %s", exc)
+            return None
+        return predicted.to_dict()
 
     def _determine_num_blocks(self) -> int:
         cache = self.config.cache
@@ -224,7 +270,8 @@ class Engine:
             self._process_token(request, logprob_map.get(request.req_id))
             if request.first_token_time is None:
                 request.first_token_time = now
-                self.num_prompt_tokens += request.num_prompt_tokens
+                if request.index == 0:  # n children share one prompt
+                    self.num_prompt_tokens += request.num_prompt_tokens
             self.num_generation_tokens += 1
             touched[request.parent_id] = True
         return [self._output(parent_id) for parent_id in touched]

@@ -59,6 +59,7 @@ class ModelRunner:
             block_tables=tensor(padded, torch.int32),
             query_start_loc=tensor(query_start, torch.int32),
             seq_lens=tensor(seq_lens, torch.int32),
+            max_seq_len=max(seq_lens),
             backend=self.backend,
         )
         hidden = self.model(tensor(input_ids, torch.int64), tensor(positions, torch.int64),

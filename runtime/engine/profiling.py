@@ -29,15 +29,14 @@ def measure_kv_budget(engine) -> tuple[int, dict]:
     free_before, total = torch.cuda.mem_get_info(device)
     weights = torch.cuda.memory_allocated(device)
 
-    # The heaviest step the scheduler can form: max_num_batched_tokens tokens, split into
-    # sequences of at most max_model_len, each sampling (so logits are computed for all).
+    # The heaviest step the scheduler can form: max_num_batched_tokens tokens over as many
+    # sequences as may share a step (each sampling, so the logits have as many rows as
+    # serving can produce), none longer than max_model_len.
     num_tokens = config.scheduler.max_num_batched_tokens
     block_size = config.cache.block_size
-    lengths = []
-    while num_tokens > 0:
-        lengths.append(min(num_tokens, engine.max_model_len))
-        num_tokens -= lengths[-1]
-    lengths = lengths[: config.scheduler.max_num_seqs]
+    num_seqs = max(min(config.scheduler.max_num_seqs, num_tokens),
+                   -(-num_tokens // engine.max_model_len))
+    lengths = [num_tokens // num_seqs + (i < num_tokens % num_seqs) for i in range(num_seqs)]
     num_blocks = sum(-(-n // block_size) for n in lengths)
     runner = ModelRunner(config, engine.model, num_blocks)
     out, tables, next_block = SchedulerOutput(), [], 0

@@ -24,6 +24,7 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32
     query_start_loc: torch.Tensor  # [num_seqs + 1] int32
     seq_lens: torch.Tensor  # [num_seqs] int32, context length after this step
+    max_seq_len: int  # max(seq_lens), known on the host: sizes the decode kernel's split
     backend: str  # "torch" or "triton"
 
 
@@ -125,7 +126,7 @@ class Attention(nn.Module):
         store_kv(k, v, k_cache, v_cache, md.slot_mapping, backend=md.backend)
         out = paged_attention(
             q, k_cache, v_cache, md.block_tables, md.query_start_loc, md.seq_lens, self.scale,
-            sliding_window=self.sliding_window, backend=md.backend,
+            sliding_window=self.sliding_window, max_seq_len=md.max_seq_len, backend=md.backend,
         )
         return self.o_proj(out.view(num_tokens, self.q_size))
 
