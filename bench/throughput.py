@@ -100,6 +100,9 @@ def main() -> int:
     parser.add_argument("--json", default="bench/results/throughput.json")
     args = parser.parse_args()
 
+    # The code being measured is the checkout at start (recorded before anything runs).
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
     if args.model is None:
         from brim.runtime.models.bundled import bundled_model_path
 
@@ -113,8 +116,6 @@ def main() -> int:
         r["output_tokens_per_s"] = r["output_tokens"] / r["seconds"]
     ratio = results["brim"]["output_tokens_per_s"] / results["transformers"]["output_tokens_per_s"]
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
     print(f"\nworkload: {args.num_requests} requests, prompts {args.min_prompt}-{args.max_prompt}"
           f" tokens, outputs {args.min_output}-{args.max_output} tokens, greedy, ignore_eos; "
           f"{args.dtype} on {args.device}, torch threads {torch.get_num_threads()}")
