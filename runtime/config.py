@@ -111,7 +111,7 @@ class CacheConfig:
     num_gpu_blocks: int | None = None
     gpu_memory_utilization: float = 0.90
     cpu_kv_cache_fraction: float = 0.10
-    enable_prefix_caching: bool = False
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.block_size < 8 or self.block_size & (self.block_size - 1):
@@ -180,7 +180,7 @@ class EngineConfig:
         block_size: int = 16,
         num_gpu_blocks: int | None = None,
         gpu_memory_utilization: float = 0.90,
-        enable_prefix_caching: bool = False,
+        enable_prefix_caching: bool = True,
         allow_long_max_model_len: bool = False,
         seed: int = 0,
         device: str = "cpu",

@@ -44,7 +44,7 @@ class LLM:
         block_size: int = 16,
         num_gpu_blocks: int | None = None,
         gpu_memory_utilization: float = 0.90,
-        enable_prefix_caching: bool = False,
+        enable_prefix_caching: bool = True,
         allow_long_max_model_len: bool = False,
         seed: int = 0,
         device: str = "auto",
@@ -80,17 +80,19 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
         use_tqdm: bool = True,
+        cache_salt: str | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt; outputs come back in the order of the prompts.
 
         prompts: a string, a list of strings, a list of token ids, or a list of those.
+        cache_salt: prefix-cache blocks are shared only among requests with the same salt.
         """
         prompts = _as_prompt_list(prompts)
         tokenizer = self.engine.tokenizer
         encoded = [
             (p, tokenizer.encode(p)) if isinstance(p, str) else (None, list(p)) for p in prompts
         ]
-        return self._run(encoded, sampling_params, use_tqdm)
+        return self._run(encoded, sampling_params, use_tqdm, cache_salt)
 
     def chat(
         self,
@@ -99,6 +101,7 @@ class LLM:
         *,
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
+        cache_salt: str | None = None,
     ) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation or a list of them."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
@@ -109,9 +112,9 @@ class LLM:
                 conversation, tokenize=False, add_generation_prompt=add_generation_prompt
             )
             encoded.append((text, tokenizer.encode(text, add_special_tokens=False)))
-        return self._run(encoded, sampling_params, use_tqdm)
+        return self._run(encoded, sampling_params, use_tqdm, cache_salt)
 
-    def _run(self, encoded, sampling_params, use_tqdm) -> list[RequestOutput]:
+    def _run(self, encoded, sampling_params, use_tqdm, cache_salt=None) -> list[RequestOutput]:
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params = [sampling_params or SamplingParams()] * len(encoded)
         else:
@@ -126,7 +129,7 @@ class LLM:
         try:
             for (text, token_ids), p in zip(encoded, params):
                 req_id = str(next(self._ids))
-                engine.add_request(req_id, token_ids, p, prompt=text)
+                engine.add_request(req_id, token_ids, p, prompt=text, cache_salt=cache_salt)
                 order.append(req_id)
         except Exception:
             for req_id in order:

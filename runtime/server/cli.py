@@ -55,7 +55,9 @@ def register(subparsers) -> None:
                         type=int, default=None,
                         help="KV-cache blocks: a cap on GPU, the exact count on CPU")
     engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
-                        default=False, help="reuse the KV of shared prompt prefixes")
+                        default=True,
+                        help="reuse the KV of shared prompt prefixes; "
+                        "--no-enable-prefix-caching turns it off")
     engine.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                         help="GPUs per model copy (brim's engine runs on one: only 1)")
     engine.add_argument("--seed", type=int, default=0, help="seed of requests without their own")

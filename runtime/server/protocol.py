@@ -51,6 +51,9 @@ class SamplingFields(BaseModel):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Prefix caching: requests share cached KV blocks only with requests of the same salt
+    # (None shares with every other unsalted request). Isolates tenants from each other.
+    cache_salt: str | None = Field(default=None, min_length=1)
 
     def unsupported(self) -> tuple[str, str] | None:
         """(param, message) for a field brim knows but cannot honour, if one is set."""

@@ -57,6 +57,7 @@ class Job:
     num_logprobs: int | None  # alternatives per token to return; None: no logprobs
     echo: bool = False
     include_usage: bool = False
+    cache_salt: str | None = None  # prefix-cache isolation (protocol.SamplingFields.cache_salt)
     streams: list[RequestStream] = field(default_factory=list)
 
 
@@ -116,8 +117,9 @@ async def start(job: Job, engine, arrival_time: float, prompt_param: str) -> Non
     try:
         for i, prompt in enumerate(job.prompts):
             req_id = job.request_id if len(job.prompts) == 1 else f"{job.request_id}-{i}"
+            extra = {"cache_salt": job.cache_salt} if job.cache_salt is not None else {}
             stream = await engine.add(req_id, prompt.token_ids, job.params, prompt=prompt.text,
-                                      arrival_time=arrival_time)
+                                      arrival_time=arrival_time, **extra)
             job.streams.append(stream)
     except BaseException as exc:
         abort_all(job)
@@ -366,8 +368,9 @@ def respond_stream(job: Job) -> StreamingResponse:
 
 
 def new_job(kind: str, model: str, prompts: list[Prompt], params: SamplingParams,
-            num_logprobs: int | None, *, echo: bool = False, include_usage: bool = False) -> Job:
+            num_logprobs: int | None, *, echo: bool = False, include_usage: bool = False,
+            cache_salt: str | None = None) -> Job:
     prefix = "chatcmpl" if kind == "chat" else "cmpl"
     return Job(kind=kind, request_id=p.random_id(prefix), model=model, created=int(time.time()),
                prompts=prompts, params=params, num_logprobs=num_logprobs, echo=echo,
-               include_usage=include_usage)
+               include_usage=include_usage, cache_salt=cache_salt)
