@@ -249,9 +249,14 @@ def test_greedy_multiturn_chat_is_identical_with_and_without_caching(llms):
 @pytest.mark.slow
 def test_greedy_batch_sharing_a_system_prompt_is_identical_with_and_without_caching(llms):
     tokenizer = llms[True].get_tokenizer()
-    assert len(tokenizer.encode(SYSTEM)) >= 150
+    system = SYSTEM + (
+        " Paint can be tinted to any colour chart sample while you wait; allow fifteen minutes."
+        " Power tools can be rented by the day with a refundable deposit and photo ID."
+        " Gift cards never expire and can be used for rentals and deliveries as well."
+    )
+    assert len(tokenizer.encode(system)) >= 190  # ~200 tokens
     conversations = [
-        [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]
+        [{"role": "system", "content": system}, {"role": "user", "content": q}]
         for q in ["Do you sell paint?", "When do you close on Saturday?", "Can I return a drill?",
                   "Do you cut keys?", "Do you sell bicycles?", "Is delivery free?"]
     ]
