@@ -247,7 +247,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
                                  "prompt")
         state.check_queue()
         job = serving.new_job("completion", model, prompts, params, req.logprobs, echo=req.echo,
-                              include_usage=_include_usage(req))
+                              include_usage=_include_usage(req), cache_salt=req.cache_salt)
         await serving.start(job, state.engine, arrival, "prompt")
         return serving.respond_stream(job) if req.stream else await serving.respond_full(job, raw)
 
@@ -272,7 +272,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
                              "messages", param)
         state.check_queue()
         job = serving.new_job("chat", model, [prompt], params, num_logprobs,
-                              include_usage=_include_usage(req))
+                              include_usage=_include_usage(req), cache_salt=req.cache_salt)
         await serving.start(job, state.engine, arrival, "messages")
         return serving.respond_stream(job) if req.stream else await serving.respond_full(job, raw)
 

@@ -34,6 +34,7 @@ class _PendingAdd:
     params: SamplingParams
     prompt: str | None
     accepted: asyncio.Future  # set once the engine took (or refused) the request
+    cache_salt: str | None = None
 
 
 @dataclass(slots=True)
@@ -143,6 +144,7 @@ class AsyncEngine:
         params: SamplingParams,
         prompt: str | None = None,
         arrival_time: float | None = None,
+        cache_salt: str | None = None,
     ) -> RequestStream:
         """Queue a request; returns once the engine accepted it.
 
@@ -154,7 +156,8 @@ class AsyncEngine:
         stream = RequestStream(self, req_id)
         self._streams[req_id] = stream
         self._timings[req_id] = _Timing(arrival_time or time.monotonic(), len(prompt_token_ids))
-        self._pending_adds.append(_PendingAdd(req_id, prompt_token_ids, params, prompt, accepted))
+        self._pending_adds.append(_PendingAdd(req_id, prompt_token_ids, params, prompt, accepted,
+                                               cache_salt))
         self._wakeup.set()
         try:
             await accepted
@@ -223,7 +226,8 @@ class AsyncEngine:
             if add.accepted.cancelled():
                 continue
             try:
-                engine.add_request(add.req_id, add.prompt_token_ids, add.params, prompt=add.prompt)
+                engine.add_request(add.req_id, add.prompt_token_ids, add.params, prompt=add.prompt,
+                                   cache_salt=add.cache_salt)
             except Exception as exc:
                 add.accepted.set_exception(exc)
             else:

@@ -63,10 +63,6 @@ class SamplingFields(BaseModel):
                               f"remove it or set it to 0 (got {getattr(self, name)}).")
         if self.logit_bias:
             return "logit_bias", "logit_bias is not supported by brim yet; remove it."
-        if self.cache_salt is not None:
-            # Refused, not ignored, until app.py and async_engine.py carry it to
-            # Engine.add_request: ignoring it would silently share the cache across tenants.
-            return "cache_salt", "cache_salt is not supported by this server yet; remove it."
         return None
 
 

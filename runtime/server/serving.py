@@ -117,9 +117,8 @@ async def start(job: Job, engine, arrival_time: float, prompt_param: str) -> Non
     try:
         for i, prompt in enumerate(job.prompts):
             req_id = job.request_id if len(job.prompts) == 1 else f"{job.request_id}-{i}"
-            extra = {"cache_salt": job.cache_salt} if job.cache_salt is not None else {}
             stream = await engine.add(req_id, prompt.token_ids, job.params, prompt=prompt.text,
-                                      arrival_time=arrival_time, **extra)
+                                      arrival_time=arrival_time, cache_salt=job.cache_salt)
             job.streams.append(stream)
     except BaseException as exc:
         abort_all(job)

@@ -119,7 +119,7 @@ class FakeEngine:
         self.num_steps = 0
         self.num_generation_tokens = 0
 
-    def add_request(self, req_id, prompt_token_ids, params, prompt=None) -> None:
+    def add_request(self, req_id, prompt_token_ids, params, prompt=None, cache_salt=None) -> None:
         self.requests[req_id] = (list(prompt_token_ids), params, [])
 
     def abort(self, req_id) -> None:
