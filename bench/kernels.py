@@ -22,6 +22,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import pathlib
 import subprocess
 import sys
@@ -147,6 +148,9 @@ def bench_prefill(contexts) -> list[dict]:
 
 
 def git_commit() -> str:
+    """HEAD's short hash ($BRIM_COMMIT where the tree was copied without .git)."""
+    if os.environ.get("BRIM_COMMIT"):
+        return os.environ["BRIM_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, check=True).stdout.strip()

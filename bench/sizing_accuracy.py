@@ -4,7 +4,9 @@ For several model shapes (random-weight checkpoints of real architectures, made 
 published configs in tests/data/configs with fewer layers so they load fast) x 2
 gpu_memory_utilization x 2 max_num_batched_tokens, start the engine on the GPU, read
 `llm.engine.memory_report` (measured and predicted) and compare the predicted number of KV
-blocks with the measured one. Target: within +-3%.
+blocks with the measured one. Target: within +-3%. Then, at those settings, run the
+heaviest steps the scheduler can form (full-budget prefills, max_num_seqs decodes): none
+may run out of memory.
 
     python bench/sizing_accuracy.py [--models smollm2,llama3-8l,...] [--work-dir DIR]
 
@@ -98,7 +100,39 @@ def measure(path: str, utilization: float, num_batched_tokens: int) -> dict:
     }
     return {"measured": measured, "predicted": report.get("predicted") or ours.to_dict(),
             "plan": ours.to_dict(), "gpu": torch.cuda.get_device_name(),
-            "total_bytes": total}
+            "total_bytes": total, "stress": stress(llm)}
+
+
+def stress(llm) -> dict:
+    """Run the heaviest steps these settings allow; an out-of-memory error is a miss.
+
+    A few prompts of a full step's tokens each (every prefill step is as large as the
+    profiling forward), beside enough short ones to decode max_num_seqs sequences at once.
+    """
+    import random
+
+    import torch
+
+    from brim.runtime import SamplingParams
+
+    engine = llm.engine
+    max_num_seqs = engine.config.scheduler.max_num_seqs
+    step_tokens = engine.config.scheduler.max_num_batched_tokens
+    long_len = max(1, min(step_tokens, engine.max_model_len - 8))
+    rng = random.Random(0)
+    prompts = [[rng.randrange(100, 1000) for _ in range(long_len)] for _ in range(4)]
+    prompts += [[rng.randrange(100, 1000) for _ in range(32)]
+                for _ in range(max_num_seqs - len(prompts))]
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    try:
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+    except torch.OutOfMemoryError as exc:
+        return {"ok": False, "error": f"out of memory: {exc}".splitlines()[0]}
+    stats = engine.get_stats()
+    return {"ok": all(len(o.outputs[0].token_ids) == 8 for o in outputs),
+            "requests": len(prompts), "long_prompt_tokens": long_len,
+            "peak_allocated_bytes": torch.cuda.max_memory_allocated(),
+            "preemptions": stats.num_preemptions}
 
 
 def run_worker(path: Path, utilization: float, num_batched_tokens: int) -> dict:
@@ -134,7 +168,7 @@ def main() -> int:
     work_dir = Path(args.work_dir)
     rows = []
     header = (f"{'model':<16} {'util':>5} {'tokens':>6} {'predicted':>10} {'measured':>10} "
-              f"{'error':>7}  {'weights p/m GiB':>16}  {'non-KV p/m GiB':>15}")
+              f"{'error':>7}  {'weights p/m GiB':>16}  {'non-KV p/m GiB':>15}  stress")
     print(header)
     print("-" * len(header))
     for name in args.models.split(","):
@@ -152,7 +186,7 @@ def main() -> int:
                 p_blocks, m_blocks = predicted["num_gpu_blocks"], measured["num_gpu_blocks"]
                 error = (p_blocks - m_blocks) / m_blocks if m_blocks else float("inf")
                 row["error"] = error
-                row["within_tolerance"] = abs(error) <= TOLERANCE
+                row["within_tolerance"] = abs(error) <= TOLERANCE and result["stress"]["ok"]
                 rows.append(row)
 
                 def gib(d, key):
@@ -161,7 +195,8 @@ def main() -> int:
                 print(f"{name:<16} {utilization:>5.2f} {tokens:>6} {p_blocks:>10} {m_blocks:>10} "
                       f"{error:>+7.2%}  {gib(predicted, 'weights_bytes'):>7}/"
                       f"{gib(measured, 'weights_bytes'):<8}  {gib(predicted, 'non_kv_bytes'):>7}/"
-                      f"{gib(measured, 'non_kv_bytes'):<7}")
+                      f"{gib(measured, 'non_kv_bytes'):<7}  "
+                      f"{'ok' if result['stress']['ok'] else 'FAILED: ' + str(result['stress'])}")
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())

@@ -1,4 +1,5 @@
-"""Kernel tests run the Triton kernels through Triton's interpreter where there is no GPU.
+"""Kernel tests run the Triton kernels through Triton's interpreter where there is no GPU,
+and compiled on the GPU where there is one (every tensor the tests make lands on it).
 
 `triton.jit` decides between compiler and interpreter when a kernel is decorated, i.e. when
 `brim.kernels.paged_attention_triton` / `brim.kernels.store_kv_triton` are first imported,
@@ -30,3 +31,19 @@ def seed():
     value = int.from_bytes(os.urandom(4), "little")
     torch.manual_seed(value)
     return value
+
+
+ON_GPU = torch.cuda.is_available()
+
+
+@pytest.fixture(autouse=True)
+def default_device():
+    """Tensors the tests create live on the GPU when there is one."""
+    if not ON_GPU:
+        yield "cpu"
+        return
+    torch.set_default_device("cuda")
+    try:
+        yield "cuda"
+    finally:
+        torch.set_default_device("cpu")

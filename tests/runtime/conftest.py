@@ -28,13 +28,14 @@ def hf_greedy(model, prompt_ids: list[int], num_new_tokens: int) -> list[int]:
     """
     import torch
 
+    device = next(model.parameters()).device
     with torch.inference_mode():
-        ids = torch.tensor([prompt_ids])
+        ids = torch.tensor([prompt_ids], device=device)
         out = model(input_ids=ids, use_cache=True)
         generated = []
         for _ in range(num_new_tokens):
             token = int(out.logits[0, -1].argmax())
             generated.append(token)
-            out = model(input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values,
-                        use_cache=True)
+            out = model(input_ids=torch.tensor([[token]], device=device),
+                        past_key_values=out.past_key_values, use_cache=True)
         return generated
