@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT))  # for tests.*; appended: the repo root holds a folder named operator
 
 
 def parity_prompts(tokenizer) -> list[list[int]]:

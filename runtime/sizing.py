@@ -208,21 +208,25 @@ def weights_bytes_per_gpu(hf_config: dict, *, dtype: str = "auto", tensor_parall
 MiB = 2**20
 GiB = 2**30
 
-# CUDA context, driver and runtime allocations outside torch's allocator. PyTorch's and vLLM's
-# docs give 300-800 MiB depending on GPU, driver and CUDA version (lazy module loading keeps it
-# low); 512 MiB is the middle of that range. Awaits calibration.
-CUDA_CONTEXT_BYTES = 512 * MiB
-# cuBLAS/cuBLASLt workspaces and Triton/kernel module images. PyTorch's default cuBLAS
-# workspace on Hopper is 32 MiB per handle (CUBLAS_WORKSPACE_CONFIG docs); doubled for cuBLASLt
-# and loaded kernels. Awaits calibration.
-LIBRARY_WORKSPACE_BYTES = 64 * MiB
+# Calibrated with bench/sizing_accuracy.py on an H100 80GB HBM3 (driver 580.159, torch 2.11
+# + CUDA 13.0, 2026-11-23; docs/benchmarks.md): 12 engine start-ups of 3 model shapes, each
+# measuring what the constants below predict.
+#
+# Memory the process holds outside torch's allocator (CUDA context, driver and runtime,
+# loaded CUDA-library and Triton module images): measured 1.274 GiB in every run, whatever
+# the model. Split as context plus library images so that other GPUs can be recalibrated.
+CUDA_CONTEXT_BYTES = 1088 * MiB
+LIBRARY_WORKSPACE_BYTES = 224 * MiB
+# Allocated by torch's caching allocator once the first matmul runs: cuBLAS's workspace.
+# Measured as the constant in peak = c + tokens x per-token bytes (33.8 MB on the H100).
+CUBLAS_WORKSPACE_BYTES = 32 * MiB
 # NCCL buffers per peer when TP > 1: NCCL_BUFFSIZE (4 MiB) x channels (up to 32 on NVLink),
-# per the NCCL environment-variable docs: 128 MiB per peer. Awaits calibration.
+# per the NCCL environment-variable docs: 128 MiB per peer. Not measured (brim runs TP=1).
 NCCL_BYTES_PER_PEER = 128 * MiB
-# Bytes per logit the sampler holds beyond the model's output, following brim's sampler:
-# fp32 logits (4), top-k/top-p sort values (4) and int64 order (8), masked copy (4),
-# probabilities (4). Awaits calibration.
-SAMPLER_BYTES_PER_LOGIT = 24
+# Bytes per logit the sampler holds beyond the lm_head's output: float32 logits, sort
+# values and order, probabilities. Measured 20-20.2 bytes (SmolLM2's 49152 and Llama-3's
+# 128256 vocabularies, 256 sampled rows).
+SAMPLER_BYTES_PER_LOGIT = 20
 # CUDA graphs (only when the engine captures them): per captured batch size and layer, the
 # graph's nodes and private pool bookkeeping. vLLM logs ~0.3-0.6 GiB of graph memory for 8B
 # models with ~67 sizes x 32 layers, about 256 KiB each. Awaits calibration.
@@ -245,10 +249,12 @@ def activation_bytes(facts: ModelFacts, dtype_bytes: int, num_tokens: int, num_l
       attention: residual + normed input [T, h], qkv and its rotated copy [T, q + 2kv] x 2,
                  attention output [T, q]
       RMSNorm:   input [T, h] plus its float32 upcast and normalised copy [T, h] x 2 x 4 bytes
-      MLP:       residual + normed input [T, h], gate_up [T, 2I], silu(gate) and product
-                 [T, I] each (gated); up and activation [T, I] each (ungated)
+      MLP:       the layer's input, the residual and the normed input [T, h] x 3, gate_up
+                 [T, 2I], silu(gate) and product [T, I] each (gated); up and activation
+                 [T, I] each (ungated). Measured: exactly 3h + 4I per token on the H100.
     Logits: final hidden [T, h], lm_head output [rows, V] in the model dtype, and the sampler's
-    float32 work (SAMPLER_BYTES_PER_LOGIT per logit), rows = tokens that sample.
+    float32 work (SAMPLER_BYTES_PER_LOGIT per logit), rows = tokens that sample. Plus
+    cuBLAS's workspace, which torch's allocator holds from the first matmul on.
     """
     tp = tensor_parallel_size
     h, d = facts.hidden_size, facts.head_dim
@@ -257,11 +263,19 @@ def activation_bytes(facts: ModelFacts, dtype_bytes: int, num_tokens: int, num_l
     inter = facts.intermediate_size // tp
     attention = (2 * h + 2 * (q + 2 * kv) + q) * dtype_bytes
     norm = h * dtype_bytes + 2 * h * 4
-    mlp = (2 * h + (4 if facts.is_gated_mlp else 2) * inter) * dtype_bytes
+    mlp = (3 * h + (4 if facts.is_gated_mlp else 2) * inter) * dtype_bytes
     layer_peak = num_tokens * max(attention, norm, mlp)
     logits_peak = (num_tokens * h * dtype_bytes
                    + num_logit_rows * facts.vocab_size * (dtype_bytes + SAMPLER_BYTES_PER_LOGIT))
-    return max(layer_peak, logits_peak)
+    return CUBLAS_WORKSPACE_BYTES + max(layer_peak, logits_peak)
+
+
+def rope_table_bytes(hf_config: dict, facts: ModelFacts) -> int:
+    """brim's rotary cos/sin table, float32 [max_position_embeddings, 2, head_dim], built
+    beside the weights at load (0 for learned absolute positions)."""
+    if facts.num_learned_positions:
+        return 0
+    return int(hf_config.get("max_position_embeddings") or 4096) * 2 * facts.head_dim * 4
 
 
 def non_torch_bytes(tensor_parallel_size: int) -> int:
@@ -305,6 +319,8 @@ class Plan:
     kv_bytes_per_token: int
     weights_bytes: int
     weights_source: str  # "safetensors" (exact, from headers) or "config" (parameter count)
+    # weights_bytes counts brim's RoPE cos/sin table too (rope_table_bytes), as the engine's
+    # measurement does.
     non_torch_bytes: int
     activation_bytes: int
     cuda_graph_bytes: int
@@ -446,6 +462,7 @@ def _plan_one(*, hf_config, facts, checkpoint_dir, derived, gpu_memory_bytes, ma
     source = "config" if weights is None else "safetensors"
     if weights is None:
         weights = weights_bytes_from_config(hf_config, dtype=dtype, tensor_parallel_size=tp)
+    weights += rope_table_bytes(hf_config, facts)
     non_torch = non_torch_bytes(tp)
     activations = activation_bytes(facts, dtype_bytes, num_tokens,
                                    min(max_num_seqs, num_tokens), tp)

@@ -34,7 +34,7 @@ def test_json_has_the_promised_keys(capsys):
     assert result["gpu"] == "NVIDIA-H100-80GB-HBM3"
     assert result["gpu_memory_bytes"] == 81559 * MiB
     assert result["kv_bytes_per_token"] == 131072
-    assert result["weights_bytes"] == 2 * 8_030_261_248
+    assert result["weights_bytes"] == 2 * 8_030_261_248 + 8192 * 2 * 128 * 4  # + RoPE table
     assert result["kv_cache_tokens"] == result["num_gpu_blocks"] * 16
     assert result["concurrency_at"]["8192"] == result["num_gpu_blocks"] // 512
 
@@ -50,7 +50,7 @@ def test_table_is_readable(capsys):
 
 def test_not_fitting_exits_1_with_advice(capsys):
     code, out, _ = run(capsys, "--config", str(CONFIGS / "Qwen2-7B-Instruct.json"),
-                       "--gpu-memory", "18GiB", "--max-model-len", "32k")
+                       "--gpu-memory", "19GiB", "--max-model-len", "32k")
     assert code == 1
     assert "DOES NOT FIT" in out and "lower max_model_len to" in out
 

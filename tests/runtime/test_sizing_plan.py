@@ -13,6 +13,7 @@ from brim.runtime.sizing import (
     GiB,
     LIBRARY_WORKSPACE_BYTES,
     NCCL_BYTES_PER_PEER,
+    CUBLAS_WORKSPACE_BYTES,
     SAMPLER_BYTES_PER_LOGIT,
     plan,
 )
@@ -30,11 +31,13 @@ LLAMA = config("Meta-Llama-3-8B-Instruct")
 
 def test_plan_exact_arithmetic():
     p = plan(SMOL, gpu_memory_bytes=80 * GiB)  # float32 (the config's dtype), 0.90
-    weights = 134_515_008 * 4
+    # Parameters in float32, plus the RoPE table: 8192 positions x (cos, sin) x 64 x 4 bytes.
+    weights = 134_515_008 * 4 + 8192 * 2 * 64 * 4
     non_torch = CUDA_CONTEXT_BYTES + LIBRARY_WORKSPACE_BYTES
     # Logits dominate this small model: final hidden [8192, 576] fp32 plus 256 sampled rows
     # over 49152 logits in fp32 and the sampler's work.
-    activations = 8192 * 576 * 4 + 256 * 49152 * (4 + SAMPLER_BYTES_PER_LOGIT)
+    activations = (CUBLAS_WORKSPACE_BYTES + 8192 * 576 * 4
+                   + 256 * 49152 * (4 + SAMPLER_BYTES_PER_LOGIT))
     non_kv = weights + non_torch + activations
     block_bytes = 46080 * 16
     blocks = (int(80 * GiB * 0.90) - non_kv) // block_bytes
@@ -51,9 +54,9 @@ def test_plan_exact_arithmetic():
 
 
 def test_plan_mlp_peak_for_a_wide_model():
-    # Llama-3-8B at 8192 tokens: the MLP's [T, 2h] + [T, 4I] bf16 outweighs the logits.
+    # Llama-3-8B at 8192 tokens: the MLP's [T, 3h] + [T, 4I] bf16 outweighs the logits.
     p = plan(LLAMA, gpu_memory_bytes=80 * GiB)
-    assert p.activation_bytes == 8192 * (2 * 4096 + 4 * 14336) * 2
+    assert p.activation_bytes == CUBLAS_WORKSPACE_BYTES + 8192 * (3 * 4096 + 4 * 14336) * 2
 
 
 def test_more_memory_gives_more_blocks():
@@ -77,10 +80,10 @@ def test_plan_is_self_consistent(name, block_size):
 
 
 def test_auto_max_model_len_is_the_longest_that_fits():
-    big = plan(config("Qwen2-7B-Instruct"), gpu_memory_bytes=18 * GiB, max_model_len="auto")
+    big = plan(config("Qwen2-7B-Instruct"), gpu_memory_bytes=19 * GiB, max_model_len="auto")
     assert big.fits and big.max_model_len < big.derived_max_model_len
     assert big.max_model_len == big.num_gpu_blocks * 16
-    longer = plan(config("Qwen2-7B-Instruct"), gpu_memory_bytes=18 * GiB,
+    longer = plan(config("Qwen2-7B-Instruct"), gpu_memory_bytes=19 * GiB,
                   max_model_len=big.max_model_len + 16)
     assert not longer.fits
 
@@ -90,7 +93,7 @@ def test_auto_max_model_len_capped_by_derived():
 
 
 def test_auto_max_model_len_with_min_concurrency():
-    p = plan(config("Qwen2-7B-Instruct"), gpu_memory_bytes=18 * GiB, max_model_len="auto",
+    p = plan(config("Qwen2-7B-Instruct"), gpu_memory_bytes=19 * GiB, max_model_len="auto",
              min_concurrency=4)
     assert p.fits and p.max_concurrency >= 4
     assert p.max_model_len == (p.num_gpu_blocks // 4) * 16
@@ -127,29 +130,29 @@ def test_not_fitting_says_why_and_what_would_fit():
     p = plan(LLAMA, gpu_memory_bytes=24 * GiB, max_model_len="32k", min_concurrency=1)
     assert not p.fits
     assert "longer than the model's maximum of 8192" in p.messages[0]
-    q = plan(config("Qwen2-7B-Instruct"), gpu_memory_bytes=18 * GiB, max_model_len=32768,
+    q = plan(config("Qwen2-7B-Instruct"), gpu_memory_bytes=19 * GiB, max_model_len=32768,
              num_gpus=2)
     assert not q.fits
     text = "\n".join(q.messages)
     assert f"only {q.num_gpu_blocks} blocks" in text and "needs 2048 blocks" in text
     lower = int(re.search(r"lower max_model_len to (\d+)", text).group(1))
-    assert plan(config("Qwen2-7B-Instruct"), gpu_memory_bytes=18 * GiB,
+    assert plan(config("Qwen2-7B-Instruct"), gpu_memory_bytes=19 * GiB,
                 max_model_len=lower).fits
     assert "use tensor_parallel_size=2" in text
-    assert plan(config("Qwen2-7B-Instruct"), gpu_memory_bytes=18 * GiB, max_model_len=32768,
+    assert plan(config("Qwen2-7B-Instruct"), gpu_memory_bytes=19 * GiB, max_model_len=32768,
                 tensor_parallel_size=2).fits
 
 
 def test_advice_to_raise_utilization_fits():
     # Choose a length that fits at 0.95 but not at 0.90.
-    at_95 = plan(config("Qwen2-7B-Instruct"), gpu_memory_bytes=18 * GiB, max_model_len="auto",
+    at_95 = plan(config("Qwen2-7B-Instruct"), gpu_memory_bytes=19 * GiB, max_model_len="auto",
                  gpu_memory_utilization=0.95)
-    p = plan(config("Qwen2-7B-Instruct"), gpu_memory_bytes=18 * GiB,
+    p = plan(config("Qwen2-7B-Instruct"), gpu_memory_bytes=19 * GiB,
              max_model_len=at_95.max_model_len)
     assert not p.fits
     u = float(re.search(r"raise gpu_memory_utilization to (0\.\d\d)", "\n".join(p.messages))[1])
     assert 0.90 < u <= 0.95
-    assert plan(config("Qwen2-7B-Instruct"), gpu_memory_bytes=18 * GiB,
+    assert plan(config("Qwen2-7B-Instruct"), gpu_memory_bytes=19 * GiB,
                 max_model_len=at_95.max_model_len, gpu_memory_utilization=u).fits
 
 
@@ -177,7 +180,8 @@ def test_plan_reads_a_checkpoint_folder(tmp_path):
     save_file({"model.embed_tokens.weight": np.zeros((128, 576), np.float32)},
               str(tmp_path / "model.safetensors"))
     p = plan(tmp_path, gpu_memory_bytes=16 * GiB, dtype="bfloat16")
-    assert (p.weights_source, p.weights_bytes) == ("safetensors", 128 * 576 * 2)
+    rope_table = 8192 * 2 * 64 * 4  # SmolLM2's max_position_embeddings x (cos, sin) x fp32
+    assert (p.weights_source, p.weights_bytes) == ("safetensors", 128 * 576 * 2 + rope_table)
     assert p.derived_max_model_len == 4096
     assert p.kv_bytes_per_token == 2 * 1 * 3 * 64 * 2
 
