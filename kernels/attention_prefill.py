@@ -90,31 +90,77 @@ def _prefill_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
     block_table_ptr = block_tables_ptr + seq * stride_block_tables
-    for tile_lo in tl.range((kv_lo // BLOCK_N) * BLOCK_N, kv_hi, BLOCK_N):
-        positions = tile_lo + tl.arange(0, BLOCK_N)
-        is_loaded = (positions >= kv_lo) & (positions < kv_hi)
-        offsets, mask = kv_tile_offsets(
-            block_table_ptr, positions, is_loaded, kv_head,
-            stride_cache_b, stride_cache_s, stride_cache_h, stride_cache_d,
-            BLOCK_SIZE=BLOCK_SIZE, HEAD_DIM=HEAD_DIM, HEAD_DIM_PAD=HEAD_DIM_PAD)
-        k = load_tile(k_cache_ptr, offsets, mask, UPCAST=UPCAST)  # [BLOCK_N, HEAD_DIM_PAD]
-        v = load_tile(v_cache_ptr, offsets, mask, UPCAST=UPCAST)
 
-        scores = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # [BLOCK_M, N]
-        # Causal and sliding window, per row: q_pos - window < position <= q_pos.
-        allowed = ((positions[None, :] <= q_pos[:, None])
-                   & (positions[None, :] > q_pos[:, None] - sliding_window)
-                   & is_loaded[None, :])
-        scores = tl.where(allowed, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        m_i = m_new
+    # Three runs of tiles over [start, kv_hi): tiles every row sees whole (causal: at or
+    # below first_pos; window: not below last_pos - window + 1) skip the masks; the tiles
+    # before them (window edge) and after them (diagonal) are masked per row.
+    start = (kv_lo // BLOCK_N) * BLOCK_N
+    full_lo = tl.maximum(tl.cdiv(tl.maximum(last_pos - sliding_window + 1, 0), BLOCK_N)
+                         * BLOCK_N, start)
+    full_hi = tl.maximum(((first_pos + 1) // BLOCK_N) * BLOCK_N, full_lo)
+    for tile_lo in tl.range(start, tl.minimum(full_lo, kv_hi), BLOCK_N):
+        m_i, l_i, acc = _attend_tile(
+            m_i, l_i, acc, q, q_pos, tile_lo, kv_lo, kv_hi, sliding_window, qk_scale,
+            block_table_ptr, k_cache_ptr, v_cache_ptr, kv_head,
+            stride_cache_b, stride_cache_s, stride_cache_h, stride_cache_d,
+            MASKED=True, BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM,
+            HEAD_DIM_PAD=HEAD_DIM_PAD, UPCAST=UPCAST)
+    for tile_lo in tl.range(full_lo, full_hi, BLOCK_N):
+        m_i, l_i, acc = _attend_tile(
+            m_i, l_i, acc, q, q_pos, tile_lo, kv_lo, kv_hi, sliding_window, qk_scale,
+            block_table_ptr, k_cache_ptr, v_cache_ptr, kv_head,
+            stride_cache_b, stride_cache_s, stride_cache_h, stride_cache_d,
+            MASKED=False, BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM,
+            HEAD_DIM_PAD=HEAD_DIM_PAD, UPCAST=UPCAST)
+    for tile_lo in tl.range(full_hi, kv_hi, BLOCK_N):
+        m_i, l_i, acc = _attend_tile(
+            m_i, l_i, acc, q, q_pos, tile_lo, kv_lo, kv_hi, sliding_window, qk_scale,
+            block_table_ptr, k_cache_ptr, v_cache_ptr, kv_head,
+            stride_cache_b, stride_cache_s, stride_cache_h, stride_cache_d,
+            MASKED=True, BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM,
+            HEAD_DIM_PAD=HEAD_DIM_PAD, UPCAST=UPCAST)
 
     # Every real row attends at least to itself; l_i == 0 only on padded rows.
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + token_offsets[:, None] * stride_out_t + heads[:, None] * stride_out_h
              + dims[None, :] * stride_out_d,
              cast_rtne(out, out_ptr.dtype.element_ty), mask=row_mask[:, None] & dim_mask)
+
+
+@triton.jit
+def _attend_tile(
+    m_i, l_i, acc, q, q_pos, tile_lo, kv_lo, kv_hi, sliding_window, qk_scale,
+    block_table_ptr, k_cache_ptr, v_cache_ptr, kv_head,
+    stride_cache_b, stride_cache_s, stride_cache_h, stride_cache_d,
+    MASKED: tl.constexpr,  # False: every row sees every position of the tile
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """One online-softmax step over the BLOCK_N context positions from tile_lo."""
+    positions = tile_lo + tl.arange(0, BLOCK_N)
+    is_loaded = (positions >= kv_lo) & (positions < kv_hi)
+    offsets, mask = kv_tile_offsets(
+        block_table_ptr, positions, is_loaded, kv_head,
+        stride_cache_b, stride_cache_s, stride_cache_h, stride_cache_d,
+        BLOCK_SIZE=BLOCK_SIZE, HEAD_DIM=HEAD_DIM, HEAD_DIM_PAD=HEAD_DIM_PAD, MASKED=MASKED)
+    # Unmasked loads need the mask constant along head_dim (HEAD_DIM a power of two).
+    UNMASKED_LOAD: tl.constexpr = not MASKED and HEAD_DIM == HEAD_DIM_PAD
+    k = load_tile(k_cache_ptr, offsets, mask, UPCAST=UPCAST, MASKED=not UNMASKED_LOAD)
+    v = load_tile(v_cache_ptr, offsets, mask, UPCAST=UPCAST, MASKED=not UNMASKED_LOAD)
+
+    scores = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # [BLOCK_M, N]
+    if MASKED:
+        # Causal and sliding window, per row: q_pos - window < position <= q_pos.
+        allowed = ((positions[None, :] <= q_pos[:, None])
+                   & (positions[None, :] > q_pos[:, None] - sliding_window)
+                   & is_loaded[None, :])
+        scores = tl.where(allowed, scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(scores - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    return m_new, l_i, acc

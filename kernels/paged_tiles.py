@@ -20,9 +20,13 @@ def kv_tile_offsets(
     BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
+    MASKED: tl.constexpr = True,  # False: the caller knows every position is loaded
 ):
     """Element offsets [BLOCK_N, HEAD_DIM_PAD] into k_cache / v_cache, and their load mask."""
-    block_ids = tl.load(block_table_ptr + positions // BLOCK_SIZE, mask=is_loaded, other=0)
+    if MASKED:
+        block_ids = tl.load(block_table_ptr + positions // BLOCK_SIZE, mask=is_loaded, other=0)
+    else:
+        block_ids = tl.load(block_table_ptr + positions // BLOCK_SIZE)
     block_ids = block_ids.to(tl.int64)  # block_id * stride_cache_b can pass 2**31
     dims = tl.arange(0, HEAD_DIM_PAD)
     offsets = (block_ids[:, None] * stride_cache_b
@@ -37,13 +41,18 @@ def kv_tile_offsets(
 
 
 @triton.jit
-def load_tile(ptr, offsets, mask, UPCAST: tl.constexpr):
+def load_tile(ptr, offsets, mask, UPCAST: tl.constexpr, MASKED: tl.constexpr = True):
     """Masked load (masked elements are 0, so stale cache contents never reach a sum).
 
+    MASKED=False loads every element (the caller checked they are all in range) when the
+    mask is constant along head_dim, i.e. HEAD_DIM is a power of two.
     UPCAST converts to float32 right after the load: the interpreter's 16-bit arithmetic
     is not exact, and float32 inputs take IEEE dots instead.
     """
-    tile = tl.load(ptr + offsets, mask=mask, other=0.0)
+    if MASKED:
+        tile = tl.load(ptr + offsets, mask=mask, other=0.0)
+    else:
+        tile = tl.load(ptr + offsets)
     if UPCAST:
         tile = tile.to(tl.float32)
     return tile
