@@ -1,4 +1,4 @@
-"""paged_attention: the Triton kernels (interpreted on CPU) against the torch reference.
+"""paged_attention: the Triton kernels (interpreted on CPU, compiled on a GPU) against the torch reference.
 
 Every run draws fresh inputs (the seed is in the failure message). Cache slots that no
 sequence owns, and block-table entries past a sequence's end, point at NaN, and the output
@@ -14,6 +14,7 @@ from brim.kernels import paged_attention, paged_attention_ref
 from brim.kernels.paged_attention_triton import paged_attention_triton
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+ULP = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}  # relative spacing, upper bound
 NAN = float("nan")
 
 
@@ -64,8 +65,18 @@ def check(seed, seqs, *, num_kv_heads=2, group=3, head_dim=64, block_size=16,
 
     assert result is out
     assert torch.isfinite(out).all(), f"seed {seed}: unwritten or NaN output elements"
-    error = (out.float() - expected.float()).abs().max().item()
-    assert error <= TOLERANCE[dtype], f"seed {seed}: max abs error {error}"
+    error = (out.float() - expected.float()).abs()
+    allowed = torch.full_like(error, TOLERANCE[dtype])
+    if out.is_cuda and dtype != torch.float32:
+        # Compiled, the kernels multiply softmax weights by V in 16 bits on tensor cores (as
+        # every flash-attention kernel does); the interpreter upcasts. Either output may then
+        # round to the neighbouring 16-bit value: one ulp, 2^-7 |x| in bfloat16, which is
+        # above 1e-2 wherever |x| >= 2. Allow that ulp on the GPU.
+        allowed += expected.float().abs() * ULP[dtype]
+    worst = int((error - allowed).argmax())
+    assert (error <= allowed).all(), (
+        f"seed {seed}: error {error.flatten()[worst].item()} > allowed "
+        f"{allowed.flatten()[worst].item()} at |x| {expected.float().abs().flatten()[worst]}")
 
 
 def decode_seqs(block_size):
