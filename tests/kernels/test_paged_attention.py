@@ -125,6 +125,14 @@ def test_sliding_window(seed, kind, sliding_window):
     check(seed, kind(16), sliding_window=sliding_window, dtype=torch.float16)
 
 
+@pytest.mark.parametrize("sliding_window", [None, 48, 100])
+def test_long_prefill_tiles_inside_and_at_the_edges(seed, sliding_window):
+    """Query blocks whose context has unmasked tiles between a masked window edge and a
+    masked diagonal: whole prompts, a chunk after a cached prefix, and a decode."""
+    check(seed, [(300, 120), (230, 230), (97, 1), (64, 33)], group=2,
+          sliding_window=sliding_window, dtype=torch.bfloat16)
+
+
 @pytest.mark.parametrize("block_size", [8, 32])
 @pytest.mark.parametrize("kind", [decode_seqs, mixed_seqs],
                          ids=lambda f: f.__name__.removesuffix("_seqs"))
