@@ -48,6 +48,8 @@ class ModelConfig:
     hf_config: config.json as a dict.
     derived_max_model_len: the model's own limit (see sizing.derive_max_model_len).
     max_model_len: the limit this engine enforces (prompt + generated tokens).
+    auto_max_model_len: max_model_len was "auto": the engine lowers it to what its KV cache
+        holds instead of refusing to start.
     """
 
     path: Path
@@ -56,6 +58,7 @@ class ModelConfig:
     max_model_len: int
     derived_max_model_len: int
     tokenizer_config: dict | None = None
+    auto_max_model_len: bool = False
 
     @classmethod
     def from_path(
@@ -76,7 +79,8 @@ class ModelConfig:
             )
         tokenizer_config = read_json(path / "tokenizer_config.json")
         derived = derive_max_model_len(hf_config, tokenizer_config)
-        if max_model_len is None:
+        is_auto = isinstance(max_model_len, str) and max_model_len.strip().lower() == "auto"
+        if max_model_len is None or is_auto:
             resolved = derived
         else:
             resolved = parse_token_count(max_model_len)
@@ -94,6 +98,7 @@ class ModelConfig:
             max_model_len=resolved,
             derived_max_model_len=derived,
             tokenizer_config=tokenizer_config,
+            auto_max_model_len=is_auto,
         )
 
 

@@ -139,11 +139,30 @@ class Engine:
     # -- sizing ---------------------------------------------------------------------------
 
     def _check_capacity(self) -> None:
+        """Refuse a KV cache that cannot hold one max_model_len request, or, when
+        max_model_len was "auto", lower it to what the cache holds."""
         block_size = self.config.cache.block_size
-        if self.num_gpu_blocks * block_size < self.max_model_len:
-            hint = ("raise num_gpu_blocks" if self.config.device == "cpu"
-                    else "raise gpu_memory_utilization or use a GPU with more memory")
-            raise KVCacheTooSmallError(self.num_gpu_blocks, block_size, self.max_model_len, hint)
+        capacity = self.num_gpu_blocks * block_size
+        if capacity >= self.max_model_len:
+            return
+        if self.config.model.auto_max_model_len and capacity > 0:
+            logger.warning("max_model_len auto: the model's %d tokens do not fit the KV cache; "
+                           "serving with max_model_len=%d, what the KV cache holds",
+                           self.max_model_len, capacity)
+            self._set_max_model_len(capacity)
+            return
+        hint = ("raise num_gpu_blocks" if self.config.device == "cpu"
+                else "raise gpu_memory_utilization or use a GPU with more memory")
+        raise KVCacheTooSmallError(self.num_gpu_blocks, block_size, self.max_model_len, hint)
+
+    def _set_max_model_len(self, max_model_len: int) -> None:
+        self.max_model_len = max_model_len
+        self.config.model.max_model_len = max_model_len
+        scheduler = self.config.scheduler
+        scheduler.max_model_len = max_model_len
+        # Keep SchedulerConfig's rule: a step never holds more than every sequence's tokens.
+        scheduler.max_num_batched_tokens = min(scheduler.max_num_batched_tokens,
+                                               scheduler.max_num_seqs * max_model_len)
 
     def _predicted_memory(self) -> dict | None:
         """The operator's prediction for this GPU, to log beside the measurement."""

@@ -28,7 +28,8 @@ class LLM:
     """An engine with the model loaded, for batch generation in-process.
 
     model: a folder with a Hugging Face checkpoint; None uses the bundled SmolLM2.
-    max_model_len: int, a human-readable count ("25.6k", "32K") or None (the model's own).
+    max_model_len: int, a human-readable count ("25.6k", "32K"), None (the model's own) or
+        "auto" (the model's own, lowered to what the KV cache holds instead of refusing).
     num_gpu_blocks: caps the KV cache at that many blocks. On CPU the default is
         10% of the RAM available at start-up (CacheConfig.cpu_kv_cache_fraction).
     """

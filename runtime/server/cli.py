@@ -83,14 +83,13 @@ def register(subparsers) -> None:
 
 
 def create_engine(args: argparse.Namespace):
-    """Build the engine from the flags; `--max-model-len auto` retries once, shortened."""
+    """Build the engine from the flags (`--max-model-len auto` is resolved by the engine)."""
     if args.tensor_parallel_size != 1:
         raise ValueError(f"--tensor-parallel-size {args.tensor_parallel_size} is not supported: "
                          "brim's engine runs a model on one GPU. Use 1, or a model that fits "
                          "one GPU.")
     from brim.runtime.config import EngineConfig
     from brim.runtime.engine.engine import Engine
-    from brim.runtime.engine.errors import KVCacheTooSmallError
     from brim.runtime.engine.llm import resolve_device
 
     model = args.model
@@ -98,29 +97,15 @@ def create_engine(args: argparse.Namespace):
         from brim.runtime.models.bundled import bundled_model_path
 
         model = str(bundled_model_path(args.cache_dir))
-    is_auto = str(args.max_model_len).lower() == "auto"
-
-    def build(max_model_len):
-        config = EngineConfig.create(
-            model, dtype=args.dtype, max_model_len=max_model_len,
-            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-            block_size=args.block_size, num_gpu_blocks=args.num_gpu_blocks,
-            gpu_memory_utilization=args.gpu_memory_utilization,
-            enable_prefix_caching=args.enable_prefix_caching,
-            allow_long_max_model_len=args.allow_long_max_model_len, seed=args.seed,
-            device=resolve_device(args.device))
-        return Engine(config)
-
-    try:
-        return build(None if is_auto else args.max_model_len)
-    except KVCacheTooSmallError as exc:
-        if not is_auto:
-            raise
-        fitted = exc.capacity
-        logger.warning("--max-model-len auto: the model's %d tokens do not fit the KV cache; "
-                       "serving with max_model_len=%d, what the KV cache holds",
-                       exc.max_model_len, fitted)
-        return build(fitted)
+    config = EngineConfig.create(
+        model, dtype=args.dtype, max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size, num_gpu_blocks=args.num_gpu_blocks,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        enable_prefix_caching=args.enable_prefix_caching,
+        allow_long_max_model_len=args.allow_long_max_model_len, seed=args.seed,
+        device=resolve_device(args.device))
+    return Engine(config)
 
 
 def log_memory_plan(engine, host: str, port: int, model_name: str) -> None:

@@ -212,6 +212,23 @@ def test_engine_refuses_a_kv_cache_smaller_than_max_model_len(bundled_model_dir)
 
 
 @pytest.mark.slow
+def test_auto_max_model_len_serves_what_the_cache_holds(bundled_model_dir):
+    from brim.runtime import LLM
+
+    llm = LLM(model=str(bundled_model_dir), num_gpu_blocks=4, max_model_len="auto",
+              device="cpu", max_num_seqs=2)
+    engine = llm.engine
+    assert engine.max_model_len == 64 and engine.config.scheduler.max_model_len == 64
+    # A step never holds more than max_num_seqs full-length requests.
+    assert engine.config.scheduler.max_num_batched_tokens == 2 * 64
+    out = llm.generate([[5] * 60], SamplingParams(max_tokens=4, ignore_eos=True),
+                       use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == 4
+    with pytest.raises(PromptTooLongError, match="max_model_len=64"):
+        engine.add_request("long", [5] * 62, SamplingParams(max_tokens=4))
+
+
+@pytest.mark.slow
 def test_engine_refuses_prompts_over_the_budget(bundled_model_dir):
     from brim.runtime import LLM
 

@@ -83,33 +83,23 @@ def test_max_model_len_above_the_model_is_refused(capsys, bundled_model_dir):
                           "of 8192 tokens")
 
 
-def test_max_model_len_auto_shrinks_to_the_kv_cache(monkeypatch, bundled_model_dir):
-    """`auto` asks for the model's limit and retries once with what the KV cache holds."""
+@pytest.mark.slow
+def test_max_model_len_auto_shrinks_to_the_kv_cache(bundled_model_dir):
+    """`auto` takes the model's limit and lowers it to what the KV cache holds (one load)."""
     import argparse
 
-    from brim.runtime.engine import engine as engine_module
     from brim.runtime.engine.errors import KVCacheTooSmallError
     from brim.runtime.server.cli import create_engine, register
 
-    built = []
-
-    class SmallCacheEngine:
-        def __init__(self, config):
-            built.append(config.model.max_model_len)
-            if config.model.max_model_len > 256:
-                raise KVCacheTooSmallError(16, 16, config.model.max_model_len, "raise it")
-            self.config = config
-
-    monkeypatch.setattr(engine_module, "Engine", SmallCacheEngine)
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
     args = parser.parse_args(["serve", "--model", str(bundled_model_dir), "--device", "cpu",
                               "--max-model-len", "auto", "--num-gpu-blocks", "16"])
     engine = create_engine(args)
-    assert built == [8192, 256]
-    assert engine.config.model.max_model_len == 256
+    assert engine.max_model_len == engine.config.model.max_model_len == 16 * 16
+    assert engine.config.scheduler.max_model_len == 256
+    assert engine.config.model.derived_max_model_len == 8192
     fixed = parser.parse_args(["serve", "--model", str(bundled_model_dir), "--device", "cpu",
-                               "--max-model-len", "1k"])
-    with pytest.raises(KVCacheTooSmallError):
+                               "--max-model-len", "1k", "--num-gpu-blocks", "16"])
+    with pytest.raises(KVCacheTooSmallError, match="fewer than max_model_len=1000"):
         create_engine(fixed)  # an explicit length is never shortened silently
-    assert built[-1] == 1000
