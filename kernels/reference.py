@@ -53,11 +53,12 @@ def paged_attention_ref(
     lens = seq_lens.tolist()
     query_lens = [starts[i + 1] - starts[i] for i in range(len(lens))]
 
-    # Decode (one query per sequence) is the common case: those sequences go through one
-    # batched attention over a padded gather of their blocks.
-    decode = [i for i, n in enumerate(query_lens) if n == 1]
-    if decode:
-        idx = torch.tensor(decode, device=q.device)
+    # Decode (one query per sequence) is the common case: those sequences go through batched
+    # attention over a padded gather of their blocks, one batch per group of similar
+    # context lengths so that little of what is gathered is padding.
+    decode = sorted((i for i, n in enumerate(query_lens) if n == 1), key=lambda i: lens[i])
+    for group in _similar_lengths(decode, lens):
+        idx = torch.tensor(group, device=q.device)
         tokens = query_start_loc[:-1].long()[idx]
         out[tokens] = _decode_batch(q[tokens], k_cache, v_cache, block_tables[idx],
                                     seq_lens[idx], scale, sliding_window).to(q.dtype)
@@ -68,6 +69,18 @@ def paged_attention_ref(
                 scale, sliding_window,
             ).to(q.dtype)
     return out
+
+
+def _similar_lengths(order: list[int], lens: list[int], slack: int = 64) -> list[list[int]]:
+    """Split sequence ids sorted by length into runs whose longest is at most 1.5x the
+    shortest plus `slack` tokens."""
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and lens[i] <= 1.5 * lens[groups[-1][0]] + slack:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
 
 
 def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
@@ -88,9 +101,15 @@ def _decode_batch(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_wi
     if sliding_window is not None:
         allowed &= pos[None, :] > ctx[:, None] - 1 - sliding_window
     # Padding slots may hold anything (stale or never-written values): zero them so that
-    # a masked-out non-finite value cannot poison the sum.
-    k.masked_fill_(~allowed[:, :, None, None], 0.0)
-    v.masked_fill_(~allowed[:, :, None, None], 0.0)
+    # a masked-out non-finite value cannot poison the sum. Slices per sequence touch only
+    # the padding (a broadcast masked_fill would rewrite every gathered element).
+    lows = (ctx - sliding_window).clamp(min=0).tolist() if sliding_window is not None else None
+    for row, length in enumerate(ctx.tolist()):
+        k[row, length:] = 0.0
+        v[row, length:] = 0.0
+        if lows is not None and lows[row] > 0:
+            k[row, :lows[row]] = 0.0
+            v[row, :lows[row]] = 0.0
     o = F.scaled_dot_product_attention(
         q.float()[:, :, None, :],  # [D, h, 1, d]
         k.transpose(1, 2),  # [D, kvh, L, d]
