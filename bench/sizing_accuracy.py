@@ -14,8 +14,9 @@ Prints a table, writes bench/results/sizing_accuracy-<UTC time>.json, exits 1 wh
 prediction misses by more than 3%. Each measurement runs in its own process so CUDA context
 and allocator state do not leak from one run into the next.
 
-The overhead constants in brim/runtime/sizing.py await calibration from this script: when a
-row misses, the JSON holds measured weights / non-KV bytes beside the predicted ones.
+The overhead constants in brim/runtime/planner/memory.py are calibrated with this script: when
+a row misses, the JSON holds measured weights / non-KV bytes beside the predicted ones (the
+engine's MemoryReport: the same field names on both sides).
 """
 
 from __future__ import annotations
@@ -81,26 +82,23 @@ def measure(path: str, utilization: float, num_batched_tokens: int) -> dict:
     import torch
 
     from brim.runtime import LLM
-    from brim.runtime.sizing import plan
+    from brim.runtime.planner import PlanRequest, plan, read_checkpoint
 
     llm = LLM(model=path, device="cuda", gpu_memory_utilization=utilization,
               max_num_batched_tokens=num_batched_tokens)
-    report = dict(llm.engine.memory_report)
-    total = torch.cuda.mem_get_info()[1]
     engine = llm.engine
+    report = engine.memory_report
+    total = torch.cuda.mem_get_info()[1]
     # The plan as this script computes it, for the same settings as the engine's.
-    ours = plan(path, gpu_memory_bytes=total, gpu_memory_utilization=utilization,
-                max_num_batched_tokens=num_batched_tokens, max_model_len=engine.max_model_len,
-                max_num_seqs=engine.config.scheduler.max_num_seqs,
-                block_size=engine.config.cache.block_size, dtype=engine.config.model.dtype)
-    measured = report.get("measured") or {
-        "num_gpu_blocks": report["num_gpu_blocks"],
-        "weights_bytes": report["weights_bytes"],
-        **getattr(engine, "measured_memory", {}),
-    }
-    return {"measured": measured, "predicted": report.get("predicted") or ours.to_dict(),
-            "plan": ours.to_dict(), "gpu": torch.cuda.get_device_name(),
-            "total_bytes": total, "stress": stress(llm)}
+    ours = plan(PlanRequest(
+        checkpoint=read_checkpoint(path), gpu_memory_bytes=total,
+        gpu_memory_utilization=utilization, max_num_batched_tokens=num_batched_tokens,
+        max_model_len=engine.max_model_len, max_num_seqs=engine.config.scheduler.max_num_seqs,
+        block_size=engine.config.cache.block_size, dtype=engine.config.model.dtype))
+    as_json = report.to_json()
+    return {"measured": as_json["measured"], "predicted": as_json["predicted"],
+            "num_gpu_blocks": report.num_gpu_blocks, "plan": ours.to_dict(),
+            "gpu": torch.cuda.get_device_name(), "total_bytes": total, "stress": stress(llm)}
 
 
 def stress(llm) -> dict:

@@ -1,7 +1,8 @@
-"""brim's serving runtime: engine, models, server, sizing.
+"""brim's serving runtime: planner, engine, models, server, CLI.
 
-`LLM` and `SamplingParams` are imported lazily so that `brim.runtime.sizing` and
-`brim.runtime.config` stay importable without torch (the operator image has none).
+`LLM` and `SamplingParams` are imported lazily so that `brim.runtime.planner`,
+`brim.runtime.config` and the CLI dispatcher stay importable without torch (the operator
+image has none).
 """
 
 __all__ = ["LLM", "SamplingParams"]

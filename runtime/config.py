@@ -1,64 +1,51 @@
-"""Engine configuration: one validated dataclass per concern, checked on creation.
+"""Engine configuration: one validated, frozen dataclass per concern, checked on creation.
 
-Torch-free: the operator and `brim plan` import it.
+Torch-free. Facts and defaults come from the planner (`brim.runtime.planner`), so the engine
+and the planner cannot disagree about them; a config that must change (max_model_len lowered
+by "auto") is replaced by a new, validated one.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from brim.runtime.sizing import derive_max_model_len, parse_token_count
+from brim.runtime.engine.errors import KVCacheTooSmallError
+from brim.runtime.planner.dtypes import resolve_dtype
+from brim.runtime.planner.facts import CheckpointFacts, ModelFacts, declared_dtype, read_checkpoint
+from brim.runtime.planner.lengths import (DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS,
+                                          default_max_num_batched_tokens, derive_max_model_len,
+                                          is_auto, parse_token_count)
+from brim.runtime.planner.memory import DEFAULT_BLOCK_SIZE, DEFAULT_GPU_MEMORY_UTILIZATION
 
-DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
-_DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16",
-                  "half": "float16"}
-
-# Per-step defaults. On CPU a long prefill chunk costs seconds and the torch attention
-# materialises [heads, q, k] scores, so a smaller step budget keeps latency and memory sane.
-DEFAULT_MAX_NUM_SEQS = 256
-DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cpu": 2048, "cuda": 8192}
-
-
-def read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+DEVICES = tuple(DEFAULT_MAX_NUM_BATCHED_TOKENS)  # "cpu", "cuda"
 
 
-def normalize_dtype(dtype: str, hf_config: dict, device: str) -> str:
-    """`auto` takes the checkpoint's dtype, except float32 on CPU for half-precision models."""
-    dtype = _DTYPE_ALIASES.get(str(dtype).lower(), str(dtype).lower())
-    if dtype == "auto":
-        declared = str(hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32")
-        declared = declared.removeprefix("torch.")
-        if device == "cpu" or declared not in DTYPES:
-            return "float32"
-        return declared
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
-    return dtype
-
-
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class ModelConfig:
     """What the engine knows about the checkpoint.
 
     path: folder with config.json, safetensors and tokenizer files.
-    hf_config: config.json as a dict.
-    derived_max_model_len: the model's own limit (see sizing.derive_max_model_len).
+    checkpoint: its facts (config.json, tokenizer_config.json, safetensors headers).
+    dtype: the dtype the engine computes and stores weights in (resolved, never "auto").
+    derived_max_model_len: the model's own limit (planner.lengths.derive_max_model_len).
     max_model_len: the limit this engine enforces (prompt + generated tokens).
     auto_max_model_len: max_model_len was "auto": the engine lowers it to what its KV cache
         holds instead of refusing to start.
     """
 
     path: Path
-    hf_config: dict
+    checkpoint: CheckpointFacts
     dtype: str
     max_model_len: int
     derived_max_model_len: int
-    tokenizer_config: dict | None = None
     auto_max_model_len: bool = False
+
+    @property
+    def facts(self) -> ModelFacts:
+        """The model's shape (raises ValueError naming the keys config.json lacks)."""
+        return self.checkpoint.model
 
     @classmethod
     def from_path(
@@ -71,16 +58,15 @@ class ModelConfig:
         allow_long_max_model_len: bool = False,
     ) -> "ModelConfig":
         path = Path(path)
-        hf_config = read_json(path / "config.json")
-        if hf_config is None:
+        if not (path / "config.json").is_file():
             raise FileNotFoundError(
                 f"{path} has no config.json; pass a folder holding a Hugging Face checkpoint "
                 "(config.json, *.safetensors, tokenizer files)"
             )
-        tokenizer_config = read_json(path / "tokenizer_config.json")
-        derived = derive_max_model_len(hf_config, tokenizer_config)
-        is_auto = isinstance(max_model_len, str) and max_model_len.strip().lower() == "auto"
-        if max_model_len is None or is_auto:
+        checkpoint = read_checkpoint(path)
+        derived = derive_max_model_len(checkpoint.config, checkpoint.tokenizer_config)
+        auto = is_auto(max_model_len)
+        if max_model_len is None or auto:
             resolved = derived
         else:
             resolved = parse_token_count(max_model_len)
@@ -93,16 +79,15 @@ class ModelConfig:
                 )
         return cls(
             path=path,
-            hf_config=hf_config,
-            dtype=normalize_dtype(dtype, hf_config, device),
+            checkpoint=checkpoint,
+            dtype=resolve_dtype(dtype, declared_dtype(checkpoint.config), device),
             max_model_len=resolved,
             derived_max_model_len=derived,
-            tokenizer_config=tokenizer_config,
-            auto_max_model_len=is_auto,
+            auto_max_model_len=auto,
         )
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class CacheConfig:
     """The paged KV cache.
 
@@ -112,9 +97,9 @@ class CacheConfig:
         available RAM).
     """
 
-    block_size: int = 16
+    block_size: int = DEFAULT_BLOCK_SIZE
     num_gpu_blocks: int | None = None
-    gpu_memory_utilization: float = 0.90
+    gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION
     cpu_kv_cache_fraction: float = 0.10
     enable_prefix_caching: bool = True
 
@@ -133,7 +118,7 @@ class CacheConfig:
             )
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class SchedulerConfig:
     """Per-step limits of continuous batching.
 
@@ -163,15 +148,39 @@ class SchedulerConfig:
                 f"can never hold more tokens than that. Lower max_num_batched_tokens to {limit}."
             )
 
+    def with_max_model_len(self, max_model_len: int) -> "SchedulerConfig":
+        """The same limits for a shorter max_model_len; the step budget shrinks with it where
+        it must (a step never holds more than every sequence's tokens)."""
+        return replace(self, max_model_len=max_model_len,
+                       max_num_batched_tokens=min(self.max_num_batched_tokens,
+                                                  self.max_num_seqs * max_model_len))
 
-@dataclass(slots=True)
+
+@dataclass(frozen=True, slots=True)
 class EngineConfig:
     model: ModelConfig
     cache: CacheConfig
     scheduler: SchedulerConfig
     device: str = "cpu"
     seed: int = 0
-    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.scheduler.max_model_len != self.model.max_model_len:
+            raise ValueError(f"the scheduler's max_model_len ({self.scheduler.max_model_len}) "
+                             f"must be the model's ({self.model.max_model_len})")
+        # A cache capped below one full-length request can be refused before any weight loads.
+        cap = self.cache.num_gpu_blocks
+        if (cap is not None and not self.model.auto_max_model_len
+                and cap * self.cache.block_size < self.model.max_model_len):
+            raise KVCacheTooSmallError(cap, self.cache.block_size, self.model.max_model_len,
+                                       "raise num_gpu_blocks")
+
+    def with_max_model_len(self, max_model_len: int) -> "EngineConfig":
+        """This config serving a shorter context (what "auto" does when the cache is small)."""
+        return replace(self, model=replace(self.model, max_model_len=max_model_len),
+                       scheduler=self.scheduler.with_max_model_len(max_model_len))
 
     @classmethod
     def create(
@@ -182,15 +191,15 @@ class EngineConfig:
         max_model_len: int | str | None = None,
         max_num_seqs: int | None = None,
         max_num_batched_tokens: int | str | None = None,
-        block_size: int = 16,
+        block_size: int = DEFAULT_BLOCK_SIZE,
         num_gpu_blocks: int | None = None,
-        gpu_memory_utilization: float = 0.90,
+        gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
         enable_prefix_caching: bool = True,
         allow_long_max_model_len: bool = False,
         seed: int = 0,
         device: str = "cpu",
     ) -> "EngineConfig":
-        if device not in DEFAULT_MAX_NUM_BATCHED_TOKENS:
+        if device not in DEVICES:
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
         model_config = ModelConfig.from_path(
             model,
@@ -203,9 +212,7 @@ class EngineConfig:
         if max_num_seqs is None:
             max_num_seqs = DEFAULT_MAX_NUM_SEQS
         if max_num_batched_tokens is None:
-            # The default adapts so that small max_model_len or max_num_seqs stay valid.
-            default = DEFAULT_MAX_NUM_BATCHED_TOKENS[device]
-            max_num_batched_tokens = max(max_num_seqs, min(default, max_num_seqs * max_len))
+            max_num_batched_tokens = default_max_num_batched_tokens(device, max_num_seqs, max_len)
         scheduler_config = SchedulerConfig(
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=parse_token_count(max_num_batched_tokens),

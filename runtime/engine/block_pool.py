@@ -54,9 +54,6 @@ class BlockPool:
     def usage(self) -> float:
         return self.num_used_blocks / self.num_blocks
 
-    def can_allocate(self, num_blocks: int) -> bool:
-        return num_blocks <= len(self.free_queue)
-
     def allocate(self, num_blocks: int) -> list[KVCacheBlock]:
         """Hand out num_blocks free blocks (ref_cnt 1), evicting cached contents."""
         if num_blocks > len(self.free_queue):

@@ -6,22 +6,19 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
 
-import torch
-
-from brim.runtime.config import DTYPES, EngineConfig
+from brim.runtime.config import EngineConfig
+from brim.runtime.engine.admission import Limits, admit
+from brim.runtime.engine.cache_sizing import fit_max_model_len, size_kv_cache
 from brim.runtime.engine.detokenizer import IncrementalDetokenizer, find_stop
-from brim.runtime.engine.errors import KVCacheTooSmallError, PromptTooLongError
 from brim.runtime.engine.kv_cache_manager import KVCacheManager
 from brim.runtime.engine.model_runner import ModelRunner
 from brim.runtime.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from brim.runtime.engine.request import Request
 from brim.runtime.engine.scheduler import Scheduler
-from brim.runtime.models.llama import LlamaArgs
 from brim.runtime.models.loader import load_model, model_weights_bytes
 from brim.runtime.sampling_params import SamplingParams
 
@@ -52,166 +49,65 @@ def load_tokenizer(path):
     return AutoTokenizer.from_pretrained(str(path))
 
 
-def eos_token_ids(path, hf_config: dict, tokenizer) -> frozenset[int]:
-    """EOS ids from generation_config.json, config.json and the tokenizer, as transformers uses."""
-    ids: set[int] = set()
-    sources = [hf_config.get("eos_token_id")]
-    generation_config = path / "generation_config.json"
-    if generation_config.is_file():
-        sources.append(json.loads(generation_config.read_text()).get("eos_token_id"))
-    sources.append(tokenizer.eos_token_id)
-    for value in sources:
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, list):
-            ids.update(v for v in value if isinstance(v, int))
-    return frozenset(ids)
-
-
 class Engine:
+    """Requests in, outputs out, one `step()` at a time.
+
+    Start-up is the same four steps on every device: load the weights and tokenizer, size
+    the KV cache (measured on CUDA, a share of RAM on CPU: `memory_report`), fit
+    max_model_len to it (lowered when it was "auto", else refused), build the scheduler
+    and the model runner.
+    """
+
     def __init__(self, config: EngineConfig) -> None:
-        self.config = config
-        model_config = config.model
-        self.max_model_len = model_config.max_model_len
         started = time.monotonic()
-        args = LlamaArgs.from_hf(model_config.hf_config)
-        dtype_bytes = DTYPES[model_config.dtype]
-        self.kv_bytes_per_token = (2 * args.num_layers * args.num_kv_heads * args.head_dim
-                                   * dtype_bytes)
-        block_size = config.cache.block_size
-        self.measured_memory: dict | None = None
-        if config.device == "cpu":
-            # Nothing to measure on CPU: refuse a too-small cache before loading weights.
-            self.num_gpu_blocks = self._determine_num_blocks()
-            self._check_capacity()
-        self.tokenizer = load_tokenizer(model_config.path)
-        self.model = load_model(model_config.path, model_config.hf_config, model_config.dtype,
+        model_config = config.model
+        self.model = load_model(model_config.path, model_config.facts, model_config.dtype,
                                 config.device)
-        self.eos_token_ids = eos_token_ids(model_config.path, model_config.hf_config,
-                                           self.tokenizer)
-        self.vocab_size = args.vocab_size
-        if config.device != "cpu":
-            self.num_gpu_blocks = self._determine_num_blocks()
-            self._check_capacity()
-        self.kv_cache = KVCacheManager(self.num_gpu_blocks, block_size,
+        self.tokenizer = load_tokenizer(model_config.path)
+        self.memory_report = size_kv_cache(config, self.model, model_weights_bytes(self.model))
+        self.config = fit_max_model_len(config, self.memory_report)
+        self.kv_cache = KVCacheManager(self.num_gpu_blocks, config.cache.block_size,
                                        config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.kv_cache)
-        self.runner = ModelRunner(config, self.model, self.num_gpu_blocks)
-        self.requests: dict[str, Request] = {}  # child req_id -> request
+        self.scheduler = Scheduler(self.config.scheduler, self.kv_cache)
+        self.runner = ModelRunner(self.config, self.model, self.num_gpu_blocks)
+
+        # The tokenizer may name an EOS of its own beside config.json's and
+        # generation_config.json's; transformers stops at any of them.
+        eos = model_config.checkpoint.eos_token_ids
+        if isinstance(self.tokenizer.eos_token_id, int):
+            eos |= {self.tokenizer.eos_token_id}
+        self.eos_token_ids = eos
+        self.limits = Limits(self.max_model_len, model_config.facts.vocab_size)
         self.parents: dict[str, list[Request]] = {}  # req_id -> its n children
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
-        kv_tokens = self.num_gpu_blocks * block_size
-        self.memory_report = {
-            "device": config.device,
-            "weights_bytes": model_weights_bytes(self.model),
-            "kv_bytes_per_token": self.kv_bytes_per_token,
-            "num_gpu_blocks": self.num_gpu_blocks,
-            "block_size": block_size,
-            "kv_cache_tokens": kv_tokens,
-            "kv_cache_bytes": kv_tokens * self.kv_bytes_per_token,
-            "max_model_len": self.max_model_len,
-            "max_concurrency": kv_tokens / self.max_model_len,
-        }
-        if self.measured_memory is not None:
-            self.memory_report["measured"] = {**self.measured_memory,
-                                              "num_gpu_blocks": self.num_gpu_blocks}
-            predicted = self._predicted_memory()
-            self.memory_report["predicted"] = predicted
-            if predicted is not None:
-                logger.info(
-                    "KV blocks predicted %d, measured %d; non-KV memory predicted %.2f GiB, "
-                    "measured %.2f GiB", predicted["num_gpu_blocks"], self.num_gpu_blocks,
-                    predicted["non_kv_bytes"] / 2**30,
-                    self.measured_memory["non_kv_bytes"] / 2**30)
-        logger.info(
-            "model %s loaded in %.1f s: weights %.2f GiB (%s) on %s",
-            model_config.path.name, time.monotonic() - started,
-            self.memory_report["weights_bytes"] / 2**30, model_config.dtype, config.device,
-        )
-        logger.info(
-            "# GPU blocks: %d (%d tokens, %.2f GiB KV cache); maximum concurrency at "
-            "max_model_len=%d: %.2fx",
-            self.num_gpu_blocks, kv_tokens, self.memory_report["kv_cache_bytes"] / 2**30,
-            self.max_model_len, self.memory_report["max_concurrency"],
-        )
+        self._log_start(time.monotonic() - started)
 
-    # -- sizing ---------------------------------------------------------------------------
+    @property
+    def max_model_len(self) -> int:
+        return self.config.model.max_model_len
 
-    def _check_capacity(self) -> None:
-        """Refuse a KV cache that cannot hold one max_model_len request, or, when
-        max_model_len was "auto", lower it to what the cache holds."""
-        block_size = self.config.cache.block_size
-        capacity = self.num_gpu_blocks * block_size
-        if capacity >= self.max_model_len:
-            return
-        if self.config.model.auto_max_model_len and capacity > 0:
-            logger.warning("max_model_len auto: the model's %d tokens do not fit the KV cache; "
-                           "serving with max_model_len=%d, what the KV cache holds",
-                           self.max_model_len, capacity)
-            self._set_max_model_len(capacity)
-            return
-        hint = ("raise num_gpu_blocks" if self.config.device == "cpu"
-                else "raise gpu_memory_utilization or use a GPU with more memory")
-        raise KVCacheTooSmallError(self.num_gpu_blocks, block_size, self.max_model_len, hint)
+    @property
+    def num_gpu_blocks(self) -> int:
+        return self.memory_report.num_gpu_blocks
 
-    def _set_max_model_len(self, max_model_len: int) -> None:
-        self.max_model_len = max_model_len
-        self.config.model.max_model_len = max_model_len
-        scheduler = self.config.scheduler
-        scheduler.max_model_len = max_model_len
-        # Keep SchedulerConfig's rule: a step never holds more than every sequence's tokens.
-        scheduler.max_num_batched_tokens = min(scheduler.max_num_batched_tokens,
-                                               scheduler.max_num_seqs * max_model_len)
+    @property
+    def model_path(self):
+        return self.config.model.path
 
-    def _predicted_memory(self) -> dict | None:
-        """The operator's prediction for this GPU, to log beside the measurement."""
-        if self.config.device != "cuda":
-            return None
-        from brim.runtime.sizing import plan
-
-        total = torch.cuda.mem_get_info()[1]
-        try:
-            predicted = plan(
-            str(self.config.model.path),
-            gpu_memory_bytes=total,
-            gpu_memory_utilization=self.config.cache.gpu_memory_utilization,
-            max_model_len=self.max_model_len,
-            max_num_seqs=self.config.scheduler.max_num_seqs,
-            max_num_batched_tokens=self.config.scheduler.max_num_batched_tokens,
-            block_size=self.config.cache.block_size,
-            dtype=self.config.model.dtype,
-            )
-        except (ValueError, KeyError) as exc:  # a prediction never stops a measured start
-            logger.warning("could not predict memory for comparison: %s", exc)
-            return None
-        return predicted.to_dict()
-
-    def _determine_num_blocks(self) -> int:
-        cache = self.config.cache
-        block_bytes = self.kv_bytes_per_token * cache.block_size
-        if self.config.device == "cpu":
-            import psutil
-
-            # CPU: a documented share (cpu_kv_cache_fraction, 10% by default) of the RAM
-            # available now, but no more than every sequence at max_model_len could use.
-            budget = psutil.virtual_memory().available * cache.cpu_kv_cache_fraction
-            most_useful = self.config.scheduler.max_num_seqs * -(-self.max_model_len // cache.block_size)
-            num_blocks = min(int(budget // block_bytes), most_useful)
-        else:
-            num_blocks = self._measure_cuda_num_blocks(block_bytes)
-        if cache.num_gpu_blocks is not None:
-            num_blocks = min(num_blocks, cache.num_gpu_blocks) if self.config.device == "cuda" \
-                else cache.num_gpu_blocks
-        return max(num_blocks, 0)
-
-    def _measure_cuda_num_blocks(self, block_bytes: int) -> int:
-        """Measure, not guess: peak memory of a profiling forward of max_num_batched_tokens."""
-        from brim.runtime.engine.profiling import measure_kv_budget
-
-        budget, measured = measure_kv_budget(self)
-        self.measured_memory = measured
-        return int(budget // block_bytes)
+    def _log_start(self, seconds: float) -> None:
+        report = self.memory_report
+        logger.info("model %s loaded in %.1f s: weights %.2f GiB (%s) on %s",
+                    self.config.model.path.name, seconds, report.weights_bytes / 2**30,
+                    self.config.model.dtype, self.config.device)
+        if report.predicted is not None and report.measured is not None:
+            logger.info("KV blocks predicted %d, measured %d; non-KV memory predicted %.2f GiB, "
+                        "measured %.2f GiB", report.predicted.num_gpu_blocks,
+                        report.measured.num_gpu_blocks, report.predicted.non_kv_bytes / 2**30,
+                        report.measured.non_kv_bytes / 2**30)
+        logger.info("# GPU blocks: %d (%d tokens, %.2f GiB KV cache); maximum concurrency at "
+                    "max_model_len=%d: %.2fx", report.num_gpu_blocks, report.kv_cache_tokens,
+                    report.kv_cache_bytes / 2**30, self.max_model_len, report.max_concurrency)
 
     # -- requests -------------------------------------------------------------------------
 
@@ -226,21 +122,7 @@ class Engine:
         params = params or SamplingParams()
         if req_id in self.parents:
             raise ValueError(f"request id {req_id!r} is already in use")
-        prompt_len = len(prompt_token_ids)
-        if prompt_len == 0:
-            raise ValueError("the prompt is empty: give at least one token")
-        bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(
-                f"prompt token ids must be in [0, {self.vocab_size}); got {bad[:5]}"
-            )
-        if prompt_len >= self.max_model_len:
-            raise PromptTooLongError(prompt_len, None, self.max_model_len)
-        max_tokens = params.max_tokens
-        if max_tokens is None:
-            max_tokens = self.max_model_len - prompt_len
-        elif prompt_len + max_tokens > self.max_model_len:
-            raise PromptTooLongError(prompt_len, max_tokens, self.max_model_len)
+        max_tokens = admit(prompt_token_ids, params, self.limits)
         children = []
         for index in range(params.n):
             child_params = params
@@ -255,14 +137,12 @@ class Engine:
             children.append(request)
         self.parents[req_id] = children
         for request in children:
-            self.requests[request.req_id] = request
             self.scheduler.add(request)
 
     def abort(self, req_id: str) -> None:
         """Stop a request now; its blocks go back to the pool before this returns."""
         for request in self.parents.pop(req_id, ()):
             self.scheduler.finish(request, "abort")
-            self.requests.pop(request.req_id, None)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.num_unfinished > 0
@@ -273,8 +153,7 @@ class Engine:
         out = self.scheduler.schedule()
         if not out.scheduled:
             return []
-        tables = [self.kv_cache.block_table(s.request.req_id) for s in out.scheduled]
-        sampled = self.runner.execute(out, tables)
+        sampled = self.runner.execute(out)
         sampled_map, logprob_map = {}, {}
         if sampled is not None:
             sampling = [s.request for s in out.scheduled if s.samples]
@@ -340,8 +219,6 @@ class Engine:
         finished = all(r.is_finished for r in children)
         if finished:
             del self.parents[parent_id]
-            for r in children:
-                self.requests.pop(r.req_id, None)
         return RequestOutput(parent_id, first.prompt, first.prompt_token_ids, outputs, finished,
                              first.num_cached_tokens)
 

@@ -34,10 +34,31 @@ class PromptTooLongError(ValueError):
         super().__init__(message)
 
 
-class KVCacheTooSmallError(ValueError):
-    """The KV cache cannot hold a single max_model_len sequence."""
+class EmptyPromptError(ValueError):
+    """A request without a single prompt token."""
 
-    def __init__(self, num_blocks: int, block_size: int, max_model_len: int, hint: str) -> None:
+    def __init__(self) -> None:
+        super().__init__("The prompt is empty: give at least one token.")
+
+
+class InvalidTokenIdError(ValueError):
+    """Prompt token ids outside the model's vocabulary."""
+
+    def __init__(self, bad: list[int], vocab_size: int) -> None:
+        super().__init__(f"Prompt token ids must be in [0, {vocab_size}) for this model's "
+                         f"vocabulary; got {bad[:5]}.")
+        self.vocab_size = vocab_size
+
+
+class KVCacheTooSmallError(ValueError):
+    """The KV cache cannot hold a single max_model_len sequence.
+
+    report: the engine's MemoryReport (predicted and measured) when it got that far; `brim
+    serve` writes it to the pod's termination message for the operator to re-plan with.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, max_model_len: int, hint: str,
+                 report=None) -> None:
         capacity = num_blocks * block_size
         super().__init__(
             f"The KV cache holds {capacity} tokens ({num_blocks} blocks of {block_size}), fewer "
@@ -47,3 +68,4 @@ class KVCacheTooSmallError(ValueError):
         self.num_blocks = num_blocks
         self.capacity = capacity
         self.max_model_len = max_model_len
+        self.report = report

@@ -1,7 +1,8 @@
 """Which physical blocks each request's tokens live in.
 
 A request's block table covers its tokens in order: token t lives in block
-block_table[t // block_size] at offset t % block_size (DESIGN.md's shared layout).
+block_table[t // block_size] at offset t % block_size (the layout the kernels share,
+docs/engine.md).
 
     |<------------- num_tokens ---------------->|
     | computed (KV cached) | new this step | rest|

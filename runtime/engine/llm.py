@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from brim.runtime.config import EngineConfig
+from brim.runtime.planner.memory import DEFAULT_BLOCK_SIZE, DEFAULT_GPU_MEMORY_UTILIZATION
 from brim.runtime.engine.engine import Engine
 from brim.runtime.engine.outputs import RequestOutput
 from brim.runtime.sampling_params import SamplingParams
@@ -42,9 +43,9 @@ class LLM:
         max_model_len: int | str | None = None,
         max_num_seqs: int | None = None,
         max_num_batched_tokens: int | str | None = None,
-        block_size: int = 16,
+        block_size: int = DEFAULT_BLOCK_SIZE,
         num_gpu_blocks: int | None = None,
-        gpu_memory_utilization: float = 0.90,
+        gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
         enable_prefix_caching: bool = True,
         allow_long_max_model_len: bool = False,
         seed: int = 0,

@@ -18,28 +18,29 @@ class ModelRunner:
         self.device = torch.device(config.device)
         self.block_size = config.cache.block_size
         self.backend = "triton" if self.device.type == "cuda" else "torch"
-        args = model.args
+        facts = model.facts
         dtype = TORCH_DTYPES[config.model.dtype]
-        shape = (num_blocks, self.block_size, args.num_kv_heads, args.head_dim)
+        shape = (num_blocks, self.block_size, facts.num_kv_heads, facts.head_dim)
         # Per layer (k_cache, v_cache). Zeroed: attention masks unused slots, but a
         # never-written slot must not hold NaN bit patterns either.
         self.kv_caches = [
             (torch.zeros(shape, dtype=dtype, device=self.device),
              torch.zeros(shape, dtype=dtype, device=self.device))
-            for _ in range(args.num_layers)
+            for _ in range(facts.num_layers)
         ]
         self.sampler = Sampler(config.seed)
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput, block_tables: list[list[int]]) -> SamplerOutput | None:
-        """Run one step. block_tables: per scheduled request, its physical block ids.
+    def execute(self, out: SchedulerOutput) -> SamplerOutput | None:
+        """Run one step.
 
         Returns one sampled token per request whose step reaches its last token (a
         partial prefill chunk samples nothing), in batch order.
         """
         input_ids, positions, slots, query_start, seq_lens, logits_rows = [], [], [], [0], [], []
-        for s, table in zip(out.scheduled, block_tables):
-            start, end = s.start, s.start + s.num_new_tokens
+        block_tables = [s.block_table for s in out.scheduled]
+        for s in out.scheduled:
+            start, end, table = s.start, s.start + s.num_new_tokens, s.block_table
             input_ids.extend(s.request.all_token_ids[start:end])
             positions.extend(range(start, end))
             slots.extend(table[p // self.block_size] * self.block_size + p % self.block_size

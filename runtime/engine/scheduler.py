@@ -24,6 +24,8 @@ class ScheduledRequest:
     request: Request
     num_new_tokens: int  # tokens computed for it this step
     start: int  # its num_computed_tokens before this step
+    # Physical block ids holding its tokens 0 .. start + num_new_tokens - 1, in order.
+    block_table: list[int] = field(default_factory=list)
 
     @property
     def samples(self) -> bool:
@@ -71,7 +73,9 @@ class Scheduler:
                 if victim is request:
                     break
             else:
-                out.scheduled.append(ScheduledRequest(request, num_new, request.num_computed_tokens))
+                out.scheduled.append(ScheduledRequest(
+                    request, num_new, request.num_computed_tokens,
+                    self.kv_cache.block_table(request.req_id)))
                 budget -= num_new
                 i += 1
                 continue
@@ -95,7 +99,8 @@ class Scheduler:
                 request.num_cached_tokens = num_cached
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            out.scheduled.append(ScheduledRequest(request, num_new, num_cached))
+            out.scheduled.append(ScheduledRequest(request, num_new, num_cached,
+                                                  self.kv_cache.block_table(request.req_id)))
             budget -= num_new
         return out
 

@@ -13,12 +13,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from brim.kernels import paged_attention, store_kv
-from brim.runtime.models.rope import RotaryEmbedding, rope_parameters
+from brim.runtime.models.rope import RotaryEmbedding
+from brim.runtime.planner.facts import ModelFacts
 
 
 @dataclass(slots=True)
 class AttentionMetadata:
-    """Where this step's tokens sit in the paged KV cache (shapes per DESIGN.md)."""
+    """Where this step's tokens sit in the paged KV cache (layout: docs/engine.md)."""
 
     slot_mapping: torch.Tensor  # [num_tokens] int64: block_id * block_size + offset
     block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32
@@ -26,64 +27,6 @@ class AttentionMetadata:
     seq_lens: torch.Tensor  # [num_seqs] int32, context length after this step
     max_seq_len: int  # max(seq_lens), known on the host: sizes the decode kernel's split
     backend: str  # "torch" or "triton"
-
-
-@dataclass(slots=True)
-class LlamaArgs:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    max_positions: int
-    rope_theta: float
-    rope_scaling: dict
-    tie_word_embeddings: bool
-    qkv_bias: bool
-    mlp_bias: bool
-    o_bias: bool
-    sliding_windows: list[int | None]  # per layer
-
-    @classmethod
-    def from_hf(cls, cfg: dict) -> "LlamaArgs":
-        num_heads = cfg["num_attention_heads"]
-        num_layers = cfg["num_hidden_layers"]
-        theta, scaling = rope_parameters(cfg)
-        model_type = cfg.get("model_type", "llama")
-        window = cfg.get("sliding_window")
-        if model_type == "qwen2":
-            # Qwen2 slides only when asked to, and only in layers >= max_window_layers.
-            layer_types = cfg.get("layer_types") or [
-                "sliding_attention"
-                if cfg.get("use_sliding_window") and i >= cfg.get("max_window_layers", num_layers)
-                else "full_attention"
-                for i in range(num_layers)
-            ]
-        else:
-            layer_types = cfg.get("layer_types") or ["sliding_attention" if window else
-                                                      "full_attention"] * num_layers
-        windows = [window if t == "sliding_attention" and window else None for t in layer_types]
-        return cls(
-            vocab_size=cfg["vocab_size"],
-            hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"],
-            num_layers=num_layers,
-            num_heads=num_heads,
-            num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // num_heads,
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            max_positions=cfg.get("max_position_embeddings", 4096),
-            rope_theta=theta,
-            rope_scaling=scaling,
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
-            o_bias=bool(cfg.get("attention_bias", False)),
-            mlp_bias=bool(cfg.get("mlp_bias", False)),
-            sliding_windows=windows,
-        )
 
 
 class RMSNorm(nn.Module):
@@ -100,17 +43,17 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, args: LlamaArgs, rotary: RotaryEmbedding, sliding_window: int | None):
+    def __init__(self, facts: ModelFacts, rotary: RotaryEmbedding, sliding_window: int | None):
         super().__init__()
-        self.num_heads = args.num_heads
-        self.num_kv_heads = args.num_kv_heads
-        self.head_dim = args.head_dim
-        self.q_size = args.num_heads * args.head_dim
-        self.kv_size = args.num_kv_heads * args.head_dim
+        self.num_heads = facts.num_attention_heads
+        self.num_kv_heads = facts.num_kv_heads
+        self.head_dim = facts.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
         # q, k and v in one matmul; the loader concatenates the checkpoint's three weights.
-        self.qkv_proj = nn.Linear(args.hidden_size, self.q_size + 2 * self.kv_size,
-                                  bias=args.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, args.hidden_size, bias=args.o_bias)
+        self.qkv_proj = nn.Linear(facts.hidden_size, self.q_size + 2 * self.kv_size,
+                                  bias=facts.has_qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, facts.hidden_size, bias=facts.has_o_bias)
         self.rotary = rotary
         self.scale = self.head_dim**-0.5
         self.sliding_window = sliding_window
@@ -132,12 +75,13 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, args: LlamaArgs) -> None:
+    def __init__(self, facts: ModelFacts) -> None:
         super().__init__()
-        self.intermediate_size = args.intermediate_size
-        self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size,
-                                      bias=args.mlp_bias)
-        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
+        self.intermediate_size = facts.intermediate_size
+        self.gate_up_proj = nn.Linear(facts.hidden_size, 2 * facts.intermediate_size,
+                                      bias=facts.has_mlp_bias)
+        self.down_proj = nn.Linear(facts.intermediate_size, facts.hidden_size,
+                                   bias=facts.has_mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
@@ -145,12 +89,12 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: LlamaArgs, rotary: RotaryEmbedding, layer: int) -> None:
+    def __init__(self, facts: ModelFacts, rotary: RotaryEmbedding, layer: int) -> None:
         super().__init__()
-        self.self_attn = Attention(args, rotary, args.sliding_windows[layer])
-        self.mlp = MLP(args)
-        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.self_attn = Attention(facts, rotary, facts.layer_sliding_windows[layer])
+        self.mlp = MLP(facts)
+        self.input_layernorm = RMSNorm(facts.hidden_size, facts.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(facts.hidden_size, facts.rms_norm_eps)
 
     def forward(self, positions, x, kv_cache, md):
         x = x + self.self_attn(positions, self.input_layernorm(x), kv_cache, md)
@@ -167,17 +111,17 @@ class LlamaForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, args: LlamaArgs) -> None:
+    def __init__(self, facts: ModelFacts) -> None:
         super().__init__()
-        self.args = args
-        self.rotary = RotaryEmbedding(args.head_dim, args.max_positions, args.rope_theta,
-                                      args.rope_scaling)
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.facts = facts
+        self.rotary = RotaryEmbedding(facts.head_dim, facts.max_position_embeddings,
+                                      facts.rope_theta, facts.rope_scaling)
+        self.embed_tokens = nn.Embedding(facts.vocab_size, facts.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(args, self.rotary, i) for i in range(args.num_layers)
+            DecoderLayer(facts, self.rotary, i) for i in range(facts.num_layers)
         )
-        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.norm = RMSNorm(facts.hidden_size, facts.rms_norm_eps)
+        self.lm_head = nn.Linear(facts.hidden_size, facts.vocab_size, bias=False)
 
     def forward(self, input_ids, positions, kv_caches, md: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: [num_tokens] -> hidden states [num_tokens, hidden]."""

@@ -6,14 +6,15 @@ The model is built on the meta device and each parameter is assigned from the
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from brim.runtime.models.llama import LlamaArgs, LlamaForCausalLM
+from brim.runtime.models.llama import LlamaForCausalLM
+from brim.runtime.planner.dtypes import MODEL_DTYPE_BYTES
+from brim.runtime.planner.facts import ModelFacts, safetensors_files
 
 logger = logging.getLogger(__name__)
 
@@ -23,43 +24,34 @@ ARCHITECTURES = {
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
 }
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TORCH_DTYPES = {name: getattr(torch, name) for name in MODEL_DTYPE_BYTES}
 
 
-def safetensors_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [path / name for name in sorted(set(weight_map.values()))]
-    files = sorted(path.glob("*.safetensors"))
+def model_class(facts: ModelFacts) -> type[LlamaForCausalLM]:
+    for arch in facts.architectures:
+        if arch in ARCHITECTURES:
+            return ARCHITECTURES[arch]
+    raise ValueError(
+        f"unsupported architecture {list(facts.architectures)}; brim supports "
+        f"{', '.join(ARCHITECTURES)}"
+    )
+
+
+def load_model(path: Path, facts: ModelFacts, dtype: str, device: str) -> LlamaForCausalLM:
+    cls = model_class(facts)
+    files = safetensors_files(path)
     if not files:
         raise FileNotFoundError(
             f"no *.safetensors in {path}; brim loads safetensors checkpoints only "
             "(convert .bin weights with transformers' save_pretrained(safe_serialization=True))"
         )
-    return files
-
-
-def model_class(hf_config: dict) -> type[LlamaForCausalLM]:
-    for arch in hf_config.get("architectures") or []:
-        if arch in ARCHITECTURES:
-            return ARCHITECTURES[arch]
-    raise ValueError(
-        f"unsupported architecture {hf_config.get('architectures')}; brim supports "
-        f"{', '.join(ARCHITECTURES)}"
-    )
-
-
-def load_model(path: Path, hf_config: dict, dtype: str, device: str) -> LlamaForCausalLM:
-    cls = model_class(hf_config)
-    args = LlamaArgs.from_hf(hf_config)
     with torch.device("meta"):
-        model = cls(args)
+        model = cls(facts)
     torch_dtype = TORCH_DTYPES[dtype]
     params = dict(model.named_parameters())
     state: dict[str, torch.Tensor] = {}
     shards: dict[str, dict[int, torch.Tensor]] = {}
-    for file in safetensors_files(path):
+    for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for ckpt_name in f.keys():
                 name, shard = model.checkpoint_name_map(ckpt_name)
@@ -74,13 +66,13 @@ def load_model(path: Path, hf_config: dict, dtype: str, device: str) -> LlamaFor
                     shards.setdefault(name, {})[shard] = tensor
     for name, parts in shards.items():
         state[name] = torch.cat([parts[i] for i in sorted(parts)], dim=0)
-    if "lm_head.weight" not in state and args.tie_word_embeddings:
+    if "lm_head.weight" not in state and facts.tie_word_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     missing = sorted(set(params) - set(state))
     if missing:
         raise ValueError(f"checkpoint {path} lacks tensors for {missing[:5]}")
     state = {name: t.to(device) for name, t in state.items()}
-    if args.tie_word_embeddings:
+    if facts.tie_word_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
     model.rotary.build(device)

@@ -7,15 +7,6 @@ import math
 import torch
 
 
-def rope_parameters(hf_config: dict) -> tuple[float, dict]:
-    """(rope_theta, scaling) from config.json in transformers 4.x or 5.x form."""
-    params = dict(hf_config.get("rope_parameters") or {})
-    scaling = dict(hf_config.get("rope_scaling") or params)
-    theta = float(params.get("rope_theta", hf_config.get("rope_theta", 10000.0)))
-    scaling["rope_type"] = scaling.get("rope_type", scaling.get("type", "default"))
-    return theta, scaling
-
-
 def inverse_frequencies(head_dim: int, theta: float, scaling: dict) -> torch.Tensor:
     """Per-pair rotation frequencies [head_dim // 2], float32 (as transformers computes)."""
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim

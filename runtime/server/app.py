@@ -11,7 +11,6 @@ import importlib.metadata
 import logging
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,51 +23,24 @@ from brim.runtime.server import serving
 from brim.runtime.server.async_engine import AsyncEngine
 from brim.runtime.server.errors import APIError, from_validation_error, invalid_param
 from brim.runtime.server.metrics import ServerMetrics
+from brim.runtime.server.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
 
 # Paths that answer without the API key: probes and scrapers carry no credentials.
 OPEN_PATHS = frozenset({"/health", "/metrics"})
-DEFAULT_MAX_REQUEST_BODY_BYTES = 4 * 2**20
-
-
-@dataclass(slots=True)
-class ServerSettings:
-    """How the server behaves around the engine (CLI flags map one-to-one).
-
-    served_model_names: names clients may pass as `model`; the first labels the metrics.
-    api_key: when set, every path but /health and /metrics needs `Authorization: Bearer`.
-    max_queue_len: new requests get 503 while this many are waiting; None: no limit.
-    max_request_body_bytes: larger bodies get 413.
-    enable_vllm_metrics: also export the metrics under vLLM's names.
-    """
-
-    served_model_names: list[str] = field(default_factory=list)
-    api_key: str | None = None
-    max_queue_len: int | None = None
-    max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES
-    enable_vllm_metrics: bool = False
-
-    def __post_init__(self) -> None:
-        if not self.served_model_names:
-            raise ValueError("served_model_names needs at least one name")
-        if self.max_queue_len is not None and self.max_queue_len < 1:
-            raise ValueError(f"max_queue_len must be >= 1 (or unset), got {self.max_queue_len}")
-        if self.max_request_body_bytes < 1024:
-            raise ValueError("max_request_body_bytes must be >= 1024, got "
-                             f"{self.max_request_body_bytes}")
 
 
 class ServerState:
     """What the handlers share: the engine loop, a tokenizer of their own, the limits."""
 
-    def __init__(self, engine, settings: ServerSettings, tokenizer=None,
-                 gpu_memory_utilization: float | None = None) -> None:
+    def __init__(self, engine, settings: ServerSettings, tokenizer=None) -> None:
         self.settings = settings
         self.model_name = settings.served_model_names[0]
-        config = engine.config
-        self.max_model_len = config.model.max_model_len
-        self.model_path = str(config.model.path)
+        self.engine = AsyncEngine(engine)
+        self.limits = self.engine.limits
+        self.max_model_len = self.limits.max_model_len
+        self.model_path = str(self.engine.model_path)
         # The engine's tokenizer runs in the step thread; the handlers get their own so that
         # the two never share a (not thread-safe) Rust tokenizer.
         if tokenizer is None:
@@ -76,16 +48,14 @@ class ServerState:
 
             tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         self.tokenizer = tokenizer
-        self.vocab_size = int(config.model.hf_config.get("vocab_size") or len(tokenizer))
+        report = self.engine.memory_report
         self.metrics = ServerMetrics(self.model_name, {
-            "block_size": config.cache.block_size,
-            "num_gpu_blocks": engine.num_gpu_blocks,
+            "block_size": report.block_size,
+            "num_gpu_blocks": report.num_gpu_blocks,
             "max_model_len": self.max_model_len,
-            "gpu_memory_utilization": (config.cache.gpu_memory_utilization
-                                       if gpu_memory_utilization is None
-                                       else gpu_memory_utilization),
+            "gpu_memory_utilization": report.gpu_memory_utilization,
         }, enable_vllm_metrics=settings.enable_vllm_metrics)
-        self.engine = AsyncEngine(engine, self.metrics)
+        self.engine.metrics = self.metrics
         self.created = int(time.time())
 
     def resolve_model(self, model: str | None) -> str:
@@ -119,9 +89,8 @@ def check_body_size(num_bytes: int, limit: int) -> None:
                        "request, or raise the limit.", code="request_too_large")
 
 
-def build_app(engine, settings: ServerSettings, *, tokenizer=None,
-              gpu_memory_utilization: float | None = None) -> FastAPI:
-    state = ServerState(engine, settings, tokenizer, gpu_memory_utilization)
+def build_app(engine, settings: ServerSettings, *, tokenizer=None) -> FastAPI:
+    state = ServerState(engine, settings, tokenizer)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -243,8 +212,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         prompts = _completion_prompts(state, req)
         params = serving.build_sampling_params(req, req.max_tokens, req.logprobs)
         for prompt in prompts:
-            serving.check_prompt(prompt, req.max_tokens, state.max_model_len, state.vocab_size,
-                                 "prompt")
+            serving.check_prompt(prompt, params, state.engine, "prompt")
         state.check_queue()
         job = serving.new_job("completion", model, prompts, params, req.logprobs, echo=req.echo,
                               include_usage=_include_usage(req), cache_salt=req.cache_salt)
@@ -268,8 +236,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
                                 f"{max_tokens}.")
         prompt = _chat_prompt(state, req)
         params = serving.build_sampling_params(req, max_tokens, num_logprobs)
-        serving.check_prompt(prompt, max_tokens, state.max_model_len, state.vocab_size,
-                             "messages", param)
+        serving.check_prompt(prompt, params, state.engine, "messages", param)
         state.check_queue()
         job = serving.new_job("chat", model, [prompt], params, num_logprobs,
                               include_usage=_include_usage(req), cache_salt=req.cache_salt)
@@ -292,9 +259,10 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     async def detokenize(raw: Request) -> dict:
         req = await state.parse(raw, p.DetokenizeRequest)
         state.resolve_model(req.model)
-        bad = [t for t in req.tokens if not 0 <= t < state.vocab_size]
+        vocab_size = state.limits.vocab_size
+        bad = [t for t in req.tokens if not 0 <= t < vocab_size]
         if bad:
-            raise invalid_param("tokens", f"Token ids must be in [0, {state.vocab_size}); got "
+            raise invalid_param("tokens", f"Token ids must be in [0, {vocab_size}); got "
                                 f"{bad[:5]}.")
         return {"prompt": state.tokenizer.decode(req.tokens)}
 

@@ -17,7 +17,11 @@ import logging
 import time
 from dataclasses import dataclass
 
+from pathlib import Path
+
+from brim.runtime.engine.admission import Limits, admit
 from brim.runtime.engine.outputs import RequestOutput
+from brim.runtime.planner.report import MemoryReport
 from brim.runtime.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -90,16 +94,24 @@ class RequestStream:
 
 
 class AsyncEngine:
-    """Owns the engine and the loop task that drives it.
+    """Owns the engine and the loop task that drives it: the server's only way to the engine.
 
     engine: anything with the Engine contract (add_request, step, abort,
-        has_unfinished_requests, get_stats).
+        has_unfinished_requests, get_stats, and the attributes limits, memory_report,
+        model_path).
     metrics: a ServerMetrics updated after every step, or None.
+
+    limits: what every request is checked against (admission.Limits).
+    memory_report: how the engine sized its KV cache (planner.report.MemoryReport).
+    model_path: the checkpoint folder (the server loads its own tokenizer from it).
     """
 
     def __init__(self, engine, metrics=None) -> None:
         self.engine = engine
         self.metrics = metrics
+        self.limits: Limits = engine.limits
+        self.memory_report: MemoryReport = engine.memory_report
+        self.model_path: Path = Path(engine.model_path)
         self._streams: dict[str, RequestStream] = {}
         self._timings: dict[str, _Timing] = {}
         self._pending_adds: list[_PendingAdd] = []
@@ -136,6 +148,11 @@ class AsyncEngine:
         return self.stats.num_waiting + len(self._pending_adds)
 
     # -- requests -------------------------------------------------------------------------
+
+    def check(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """The engine's admission rules, applied now (they hold as long as the engine does):
+        raises what `add` would, without queueing anything."""
+        admit(prompt_token_ids, params, self.limits)
 
     async def add(
         self,

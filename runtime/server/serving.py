@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from brim.runtime.engine.errors import PromptTooLongError
+from brim.runtime.engine.errors import EmptyPromptError, InvalidTokenIdError, PromptTooLongError
 from brim.runtime.engine.outputs import CompletionOutput, RequestOutput
 from brim.runtime.sampling_params import SamplingParams
 from brim.runtime.server import protocol as p
@@ -88,20 +88,23 @@ def build_sampling_params(req: p.SamplingFields, max_tokens: int | None,
         raise sampling_error(exc, _SAMPLING_PARAMS) from None
 
 
-def check_prompt(prompt: Prompt, max_tokens: int | None, max_model_len: int, vocab_size: int,
-                 prompt_param: str, max_tokens_param: str = "max_tokens") -> None:
+def check_prompt(prompt: Prompt, params: SamplingParams, engine, prompt_param: str,
+                 max_tokens_param: str = "max_tokens") -> None:
     """The engine's own admission rules, checked before queueing so errors come back at once."""
-    num_tokens = len(prompt.token_ids)
-    if num_tokens == 0:
-        raise invalid_param(prompt_param, f"The {prompt_param} is empty: give at least one token.")
-    bad = [t for t in prompt.token_ids if not 0 <= t < vocab_size]
-    if bad:
-        raise invalid_param(prompt_param, f"Prompt token ids must be in [0, {vocab_size}) for "
-                            f"this model's vocabulary; got {bad[:5]}.")
-    if num_tokens >= max_model_len or (max_tokens is not None
-                                       and num_tokens + max_tokens > max_model_len):
-        raise context_length_error(PromptTooLongError(num_tokens, max_tokens, max_model_len),
-                                   prompt_param, max_tokens_param)
+    try:
+        engine.check(prompt.token_ids, params)
+    except ValueError as exc:
+        raise admission_error(exc, prompt_param, max_tokens_param) from None
+
+
+def admission_error(exc: ValueError, prompt_param: str,
+                    max_tokens_param: str = "max_tokens") -> APIError:
+    """The 400 for a request the engine's admission rules refused."""
+    if isinstance(exc, PromptTooLongError):
+        return context_length_error(exc, prompt_param, max_tokens_param)
+    if isinstance(exc, (EmptyPromptError, InvalidTokenIdError)):
+        return invalid_param(prompt_param, str(exc))
+    return invalid_param(None, str(exc))
 
 
 def context_length_error(exc: PromptTooLongError, prompt_param: str,
@@ -122,10 +125,8 @@ async def start(job: Job, engine, arrival_time: float, prompt_param: str) -> Non
             job.streams.append(stream)
     except BaseException as exc:
         abort_all(job)
-        if isinstance(exc, PromptTooLongError):
-            raise context_length_error(exc, prompt_param) from None
         if isinstance(exc, ValueError):
-            raise invalid_param(None, str(exc)) from None
+            raise admission_error(exc, prompt_param) from None
         if isinstance(exc, EngineStepError):
             raise APIError(503, f"The engine is not available: {exc}.") from None
         raise

@@ -1,4 +1,4 @@
-"""Configuration rules (issue 2, item 9): each rule and the message it gives."""
+"""Configuration rules: each rule and the message it gives."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import pytest
 from brim.runtime.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from brim.runtime.engine.errors import KVCacheTooSmallError, PromptTooLongError
 from brim.runtime.sampling_params import SamplingParams
-from brim.runtime.sizing import MAX_LEN_KEYS, derive_max_model_len, parse_token_count
 
 
 def checkpoint(tmp_path, config: dict, tokenizer_config: dict | None = None):
@@ -21,43 +20,7 @@ def checkpoint(tmp_path, config: dict, tokenizer_config: dict | None = None):
     return tmp_path
 
 
-# -- max_model_len derived from config.json --------------------------------------------------
-
-
-@pytest.mark.parametrize("key", MAX_LEN_KEYS)
-def test_each_length_key_is_read(key):
-    assert derive_max_model_len({key: 3000}) == 3000
-
-
-def test_smallest_length_key_present_wins():
-    config = {"max_position_embeddings": 8192, "n_positions": 4096, "max_seq_len": 6000,
-              "seq_length": 5000, "model_max_length": 7000, "max_target_positions": 4500}
-    assert derive_max_model_len(config) == 4096
-    del config["n_positions"]
-    assert derive_max_model_len(config) == 4500
-
-
-def test_sliding_window_caps_only_when_disabled_and_smaller():
-    config = {"max_position_embeddings": 32768, "sliding_window": 4096}
-    assert derive_max_model_len(config) == 32768
-    assert derive_max_model_len(config, disable_sliding_window=True) == 4096
-    wide = {"max_position_embeddings": 2048, "sliding_window": 4096}
-    assert derive_max_model_len(wide, disable_sliding_window=True) == 2048
-
-
-def test_tokenizer_model_max_length_caps_it():
-    config = {"max_position_embeddings": 8192}
-    assert derive_max_model_len(config, {"model_max_length": 2048}) == 2048
-    assert derive_max_model_len(config, {"model_max_length": 16384}) == 8192
-    # Tokenizers without a limit store a huge sentinel.
-    assert derive_max_model_len(config, {"model_max_length": int(1e30)}) == 8192
-
-
-def test_no_length_key_gives_2048_with_a_warning(caplog):
-    with caplog.at_level(logging.WARNING, logger="brim.runtime.sizing"):
-        assert derive_max_model_len({"hidden_size": 64}) == 2048
-    assert "assuming max_model_len=2048" in caplog.text
-    assert "max_position_embeddings" in caplog.text
+# -- the model's config ----------------------------------------------------------------------
 
 
 def test_model_config_derives_from_the_folder(tmp_path):
@@ -82,35 +45,6 @@ def test_user_max_model_len_above_the_model_is_refused(tmp_path):
 def test_folder_without_config_json_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         ModelConfig.from_path(tmp_path)
-
-
-# -- human-readable lengths ------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("text, count", [
-    ("1k", 1000), ("1K", 1024), ("25.6k", 25600), ("32K", 32768), ("2m", 2_000_000),
-    ("1M", 2**20), ("1g", 10**9), ("1G", 2**30), ("4096", 4096), (" 8k ", 8000),
-    (4096, 4096), ("0.5K", 512),
-])
-def test_token_counts(text, count):
-    assert parse_token_count(text) == count
-
-
-@pytest.mark.parametrize("text, message", [
-    ("abc", "cannot read 'abc' as a token count"),
-    ("1x", "cannot read '1x' as a token count"),
-    ("-5", "cannot read '-5' as a token count"),
-    ("1kk", "cannot read '1kk' as a token count"),
-    ("", "cannot read '' as a token count"),
-    ("1.5", "'1.5' is 1.5 tokens, not a whole number of tokens"),
-    ("0.1K", "'0.1K' is 102.4 tokens"),
-    ("0", "a token count must be positive, got '0'"),
-    (-3, "a token count must be positive, got -3"),
-    (True, "expected a token count, got True"),
-])
-def test_bad_token_counts_are_refused(text, message):
-    with pytest.raises(ValueError, match=re.escape(message)):
-        parse_token_count(text)
 
 
 # -- scheduler limits ------------------------------------------------------------------------
@@ -147,6 +81,36 @@ def test_engine_config_default_token_budget_fits_small_limits(tmp_path):
     assert config.scheduler.max_num_batched_tokens == 256
     with pytest.raises(ValueError, match="device must be 'cpu' or 'cuda', got 'tpu'"):
         EngineConfig.create(path, device="tpu")
+
+
+def test_configs_are_replaced_not_patched(tmp_path):
+    path = checkpoint(tmp_path, {"max_position_embeddings": 4096})
+    config = EngineConfig.create(path, max_num_seqs=4, max_num_batched_tokens=2048)
+    with pytest.raises(AttributeError):
+        config.model.max_model_len = 64  # frozen
+    shorter = config.with_max_model_len(256)
+    assert (shorter.model.max_model_len, shorter.scheduler.max_model_len) == (256, 256)
+    # SchedulerConfig's own rule: a step never holds more than every sequence's tokens.
+    assert shorter.scheduler.max_num_batched_tokens == 4 * 256
+    assert config.model.max_model_len == 4096 and config.scheduler.max_num_batched_tokens == 2048
+    assert shorter.with_max_model_len(1024).scheduler.max_num_batched_tokens == 1024
+
+
+def test_a_capped_cache_below_one_request_is_refused_before_loading(tmp_path):
+    path = checkpoint(tmp_path, {"max_position_embeddings": 4096})
+    with pytest.raises(KVCacheTooSmallError, match=re.escape(
+            "The KV cache holds 64 tokens (4 blocks of 16), fewer than max_model_len=512")):
+        EngineConfig.create(path, num_gpu_blocks=4, max_model_len=512)
+    # With max_model_len "auto" the engine lowers the length instead.
+    config = EngineConfig.create(path, num_gpu_blocks=4, max_model_len="auto")
+    assert config.model.auto_max_model_len and config.model.max_model_len == 4096
+
+
+def test_the_checkpoint_dtype_decides_auto(tmp_path):
+    path = checkpoint(tmp_path, {"max_position_embeddings": 64, "torch_dtype": "bfloat16"})
+    assert ModelConfig.from_path(path, device="cuda").dtype == "bfloat16"
+    assert ModelConfig.from_path(path, device="cpu").dtype == "float32"
+    assert ModelConfig.from_path(path, device="cpu", dtype="bf16").dtype == "bfloat16"
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -244,7 +208,7 @@ def test_engine_refuses_prompts_over_the_budget(bundled_model_dir):
     # Exactly at the limit is fine; max_tokens=None takes what is left.
     engine.add_request("c", [5] * 44, SamplingParams(max_tokens=20))
     engine.add_request("d", [5] * 60, SamplingParams(max_tokens=None))
-    assert engine.requests["d"].max_tokens == 4
+    assert engine.parents["d"][0].max_tokens == 4
     assert not engine.parents.keys() - {"c", "d"}  # the refused ones left nothing behind
 
 

@@ -1,9 +1,8 @@
-"""brim's greedy tokens equal transformers' on the real bundled model and on tiny
-random-weight Llama (GQA, llama3 RoPE), Mistral (sliding window) and Qwen2 (biases)."""
+"""brim's greedy tokens equal transformers' on the real bundled model, batched, one at a
+time, under preemption and under chunked prefill (tiny random-weight models of each family:
+tests/runtime/models/test_llama.py)."""
 
 from __future__ import annotations
-
-import shutil
 
 import pytest
 import torch
@@ -114,51 +113,3 @@ def test_bundled_model_matches_transformers(bundled_model_dir, parity_prompts, h
     if scenario == "preemption":
         assert stats.num_preemptions > 0
     assert stats.num_used_blocks == 0 and stats.num_running == 0 and stats.num_waiting == 0
-
-
-def _tiny_checkpoint(tmp_path, bundled_model_dir, family: str):
-    """A random-weight checkpoint of a real architecture, saved by transformers."""
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-                              Qwen2Config, Qwen2ForCausalLM)
-
-    common = dict(vocab_size=49152, hidden_size=64, intermediate_size=160,
-                  num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2,
-                  max_position_embeddings=512, initializer_range=0.1, eos_token_id=2,
-                  bos_token_id=1, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    if family == "llama":
-        config = LlamaConfig(**common, rope_scaling={
-            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
-        model = LlamaForCausalLM(config)
-    elif family == "mistral":
-        config = MistralConfig(**{**common, "num_key_value_heads": 4}, sliding_window=24)
-        model = MistralForCausalLM(config)
-    else:
-        config = Qwen2Config(**{**common, "tie_word_embeddings": True})
-        model = Qwen2ForCausalLM(config)
-        with torch.no_grad():  # random q/k/v biases, so a dropped bias cannot pass
-            for layer in model.model.layers:
-                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj,
-                             layer.self_attn.v_proj):
-                    proj.bias.normal_(std=0.5)
-    path = tmp_path / family
-    model.save_pretrained(path, safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(bundled_model_dir / name, path / name)
-    return path, model.eval()
-
-
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
-def test_tiny_random_models_match_transformers(tmp_path, bundled_model_dir, family):
-    path, hf_model = _tiny_checkpoint(tmp_path, bundled_model_dir, family)
-    generator = torch.Generator().manual_seed(1)
-    lengths = [5, 17, 40, 90]  # past the Mistral window of 24, across block boundaries
-    prompts = [torch.randint(3, 49152, (n,), generator=generator).tolist() for n in lengths]
-    want = [hf_greedy(hf_model, p, 24) for p in prompts]
-    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
-    # A small step budget so prefill is chunked and sequences mix prefill and decode.
-    llm = LLM(str(path), dtype="float32", device="cpu", max_num_batched_tokens=32,
-              max_num_seqs=4, num_gpu_blocks=64)
-    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
-    assert got == want

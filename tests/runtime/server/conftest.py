@@ -106,9 +106,18 @@ class FakeEngine:
 
     def __init__(self, model_dir, tokenizer, num_gpu_blocks: int = 32) -> None:
         from brim.runtime.config import EngineConfig
+        from brim.runtime.engine.admission import Limits
+        from brim.runtime.planner.report import MemoryReport
 
-        self.config = EngineConfig.create(model_dir, device="cpu", **{
+        config = EngineConfig.create(model_dir, device="cpu", **{
             **ENGINE_KWARGS, "num_gpu_blocks": num_gpu_blocks})
+        self.model_path = config.model.path
+        self.limits = Limits(config.model.max_model_len, config.model.facts.vocab_size)
+        self.memory_report = MemoryReport(
+            device="cpu", gpu_memory_utilization=config.cache.gpu_memory_utilization,
+            block_size=config.cache.block_size, kv_bytes_per_token=0, weights_bytes=0,
+            num_gpu_blocks=num_gpu_blocks, max_model_len=config.model.max_model_len,
+            requested_max_model_len=config.model.max_model_len)
         self.tokenizer = tokenizer
         self.num_gpu_blocks = num_gpu_blocks
         self.token = tokenizer.encode(" a")[0]

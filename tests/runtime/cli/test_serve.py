@@ -89,7 +89,7 @@ def test_max_model_len_auto_shrinks_to_the_kv_cache(bundled_model_dir):
     import argparse
 
     from brim.runtime.engine.errors import KVCacheTooSmallError
-    from brim.runtime.server.cli import create_engine, register
+    from brim.runtime.cli.serve import create_engine, register
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())

@@ -1,7 +1,9 @@
 """The `brim` command: `brim generate | serve | plan`.
 
-Each subcommand lives in its own module exposing `register(subparsers)`, which adds
-its parser and sets `func(args) -> int` (the exit code).
+Each subcommand lives in its own module of this package exposing `register(subparsers)`,
+which adds its parser and sets `func(args) -> int` (the exit code). Only the chosen
+subcommand's module is imported, and modules import torch only inside the commands that
+run the engine, so `brim plan` (and the operator) work where torch is not installed.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ import sys
 
 # module -> what it adds; imported lazily so `brim plan` never imports torch.
 SUBCOMMANDS = {
-    "generate": "brim.runtime.generate_cli",
-    "serve": "brim.runtime.server.cli",
-    "plan": "brim.runtime.plan_cli",
+    "generate": "brim.runtime.cli.generate",
+    "serve": "brim.runtime.cli.serve",
+    "plan": "brim.runtime.cli.plan",
 }
 
 
@@ -29,12 +31,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     chosen = next((a for a in argv if a in SUBCOMMANDS), None)
     for name, module in SUBCOMMANDS.items():
         if chosen is None or name == chosen:
-            try:
-                importlib.import_module(module).register(subparsers)
-            except ModuleNotFoundError as exc:
-                if exc.name != module:
-                    raise
-                subparsers.add_parser(name, help="(not available in this build)")
+            importlib.import_module(module).register(subparsers)
         else:
             subparsers.add_parser(name, help=f"see `brim {name} --help`")
     return parser

@@ -6,9 +6,11 @@ import argparse
 import json
 import sys
 
-from brim.runtime.gpus import lookup_gpu, parse_memory
-from brim.runtime.sizing import (DEFAULT_MAX_NUM_SEQS, GiB, MAX_GPU_MEMORY_UTILIZATION, Plan,
-                                 plan)
+from brim.runtime.planner.facts import read_checkpoint
+from brim.runtime.planner.gpus import lookup_gpu, parse_memory
+from brim.runtime.planner.lengths import DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS
+from brim.runtime.planner.memory import (DEFAULT_BLOCK_SIZE, DEFAULT_GPU_MEMORY_UTILIZATION,
+                                         MAX_GPU_MEMORY_UTILIZATION, GiB, Plan, PlanRequest, plan)
 
 CONCURRENCY_LENGTHS = (4096, 8192, 32768)
 
@@ -43,9 +45,11 @@ def register(subparsers) -> None:
     parser.add_argument("--max-model-len", default=None,
                         help="context length (e.g. 32k), or auto: the largest that fits "
                              "(default: the model's maximum)")
-    parser.add_argument("--gpu-memory-utilization", type=_auto_or_float, default=0.90,
+    parser.add_argument("--gpu-memory-utilization", type=_auto_or_float,
+                        default=DEFAULT_GPU_MEMORY_UTILIZATION,
                         help=f"share of GPU memory to use, or auto: the smallest <= "
-                             f"{MAX_GPU_MEMORY_UTILIZATION} that fits (default 0.90)")
+                             f"{MAX_GPU_MEMORY_UTILIZATION} that fits "
+                             f"(default {DEFAULT_GPU_MEMORY_UTILIZATION})")
     parser.add_argument("--min-concurrency", type=int, default=1,
                         help="requests of max_model_len that must fit at once (default 1)")
     parser.add_argument("--dtype", default="auto", help="auto, bfloat16, float16, float32")
@@ -53,8 +57,9 @@ def register(subparsers) -> None:
                         help="auto (the model dtype), bfloat16, float16, fp8")
     parser.add_argument("--max-num-seqs", type=int, default=DEFAULT_MAX_NUM_SEQS)
     parser.add_argument("--max-num-batched-tokens", default=None,
-                        help="tokens per step (default: the engine's, 8192)")
-    parser.add_argument("--block-size", type=int, default=16)
+                        help="tokens per step (default: the CUDA engine's, "
+                             f"{DEFAULT_MAX_NUM_BATCHED_TOKENS['cuda']})")
+    parser.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE)
     parser.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True,
                         help="no CUDA graphs (brim's engine runs eagerly today)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -68,8 +73,8 @@ def run_plan(args: argparse.Namespace) -> int:
             gpu_name, gpu_memory = lookup_gpu(args.gpu)
         else:
             gpu_name, gpu_memory = None, parse_memory(args.gpu_memory)
-        result = plan(
-            args.model or args.config,
+        result = plan(PlanRequest(
+            checkpoint=read_checkpoint(args.model or args.config),
             gpu_memory_bytes=gpu_memory,
             gpu_memory_utilization=args.gpu_memory_utilization,
             tensor_parallel_size=args.tensor_parallel_size,
@@ -82,7 +87,7 @@ def run_plan(args: argparse.Namespace) -> int:
             min_concurrency=args.min_concurrency,
             num_gpus=args.num_gpus,
             enforce_eager=args.enforce_eager,
-        )
+        ))
     except (ValueError, FileNotFoundError) as exc:
         print(f"brim plan: {exc}", file=sys.stderr)
         return 2

@@ -7,7 +7,9 @@ import logging
 import os
 import sys
 
-from brim.runtime.server.app import DEFAULT_MAX_REQUEST_BODY_BYTES
+from brim.runtime.planner.lengths import DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS
+from brim.runtime.planner.memory import DEFAULT_BLOCK_SIZE, DEFAULT_GPU_MEMORY_UTILIZATION
+from brim.runtime.server.settings import DEFAULT_MAX_REQUEST_BODY_BYTES, ServerSettings
 
 logger = logging.getLogger("brim.runtime.server")
 
@@ -43,14 +45,18 @@ def register(subparsers) -> None:
     engine = p.add_argument_group("engine")
     engine.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="auto: cuda when a GPU is visible, else cpu")
-    engine.add_argument("--gpu-memory-utilization", type=float, default=0.90,
+    engine.add_argument("--gpu-memory-utilization", type=float,
+                        default=DEFAULT_GPU_MEMORY_UTILIZATION,
                         help="share of GPU memory brim may use; the KV cache gets what weights "
-                             "and activations leave (default 0.90)")
+                             f"and activations leave (default {DEFAULT_GPU_MEMORY_UTILIZATION})")
     engine.add_argument("--max-num-seqs", type=int, default=None,
-                        help="most requests in one engine step (default 256)")
+                        help=f"most requests in one engine step (default {DEFAULT_MAX_NUM_SEQS})")
     engine.add_argument("--max-num-batched-tokens", default=None,
-                        help="most tokens in one engine step (default 2048 on CPU, 8192 on GPU)")
-    engine.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+                        help="most tokens in one engine step (default "
+                             f"{DEFAULT_MAX_NUM_BATCHED_TOKENS['cpu']} on CPU, "
+                             f"{DEFAULT_MAX_NUM_BATCHED_TOKENS['cuda']} on GPU)")
+    engine.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE,
+                        help=f"tokens per KV-cache block (default {DEFAULT_BLOCK_SIZE})")
     engine.add_argument("--num-gpu-blocks", "--num-gpu-blocks-override", dest="num_gpu_blocks",
                         type=int, default=None,
                         help="KV-cache blocks: a cap on GPU, the exact count on CPU")
@@ -114,10 +120,9 @@ def log_memory_plan(engine, host: str, port: int, model_name: str) -> None:
         "memory plan on %s: weights %.2f GiB; KV cache %.2f GiB = # GPU blocks: %d (%d tokens, "
         "%d per block, %d bytes per token); max_model_len=%d; maximum concurrency at "
         "max_model_len: %.2fx",
-        report["device"], report["weights_bytes"] / 2**30,
-        report.get("kv_cache_bytes", report["kv_cache_tokens"] * report["kv_bytes_per_token"])
-        / 2**30, report["num_gpu_blocks"], report["kv_cache_tokens"], report["block_size"],
-        report["kv_bytes_per_token"], report["max_model_len"], report["max_concurrency"])
+        report.device, report.weights_bytes / 2**30, report.kv_cache_bytes / 2**30,
+        report.num_gpu_blocks, report.kv_cache_tokens, report.block_size,
+        report.kv_bytes_per_token, report.max_model_len, report.max_concurrency)
     shown = "localhost" if host in ("0.0.0.0", "::") else host
     logger.info("serving %s at http://%s:%d/v1 (metrics at /metrics)", model_name, shown, port)
 
@@ -125,16 +130,16 @@ def log_memory_plan(engine, host: str, port: int, model_name: str) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from brim.runtime.server.app import ServerSettings, build_app
+    from brim.runtime.server.app import build_app
 
     try:
         engine = create_engine(args)
-        names = args.served_model_name or [engine.config.model.path.name]
+        names = args.served_model_name or [engine.model_path.name]
         settings = ServerSettings(served_model_names=names, api_key=args.api_key or None,
                                   max_queue_len=args.max_queue_len,
                                   max_request_body_bytes=args.max_request_body_bytes,
                                   enable_vllm_metrics=args.enable_vllm_metrics)
-        app = build_app(engine, settings, gpu_memory_utilization=args.gpu_memory_utilization)
+        app = build_app(engine, settings)
     except (ValueError, FileNotFoundError) as exc:
         print(f"brim serve: {exc}", file=sys.stderr)
         return 2
