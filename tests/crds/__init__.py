@@ -1,0 +1,1 @@
+"""The ModelDeployment CRD checked without a cluster: schema, defaults, CEL rules, examples."""
