@@ -10,7 +10,10 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("generate", help="generate text offline",
                               description="Generate text with brim's engine, no server.")
     p.add_argument("prompts", nargs="+", help="one or more prompts")
-    p.add_argument("--model", default=None, help="checkpoint folder (default: bundled SmolLM2)")
+    p.add_argument("--model", default=None, help="checkpoint folder or hf://<org>/<name> "
+                   "(default: bundled SmolLM2)")
+    p.add_argument("--revision", default=None,
+                   help="branch, tag or commit of the --model repository")
     p.add_argument("--chat", action="store_true", help="apply the model's chat template")
     p.add_argument("--system", default=None, help="a system message (with --chat)")
     p.add_argument("--max-tokens", type=int, default=64)
@@ -33,7 +36,7 @@ def run_generate(args: argparse.Namespace) -> int:
     try:
         llm = LLM(args.model, dtype=args.dtype, device=args.device,
                   max_model_len=args.max_model_len, num_gpu_blocks=args.num_gpu_blocks,
-                  cache_dir=args.cache_dir)
+                  cache_dir=args.cache_dir, revision=args.revision)
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p,
                                 top_k=args.top_k, seed=args.seed, max_tokens=args.max_tokens)
         if args.chat:

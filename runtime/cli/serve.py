@@ -24,11 +24,16 @@ def register(subparsers) -> None:
                     "SmolLM2-135M-Instruct.")
     model = p.add_argument_group("model")
     model.add_argument("--model", default=None,
-                       help="checkpoint folder (config.json, *.safetensors, tokenizer); "
-                            "default: the bundled SmolLM2-135M-Instruct")
+                       help="checkpoint folder (config.json, *.safetensors, tokenizer) or "
+                            "Hugging Face repository (hf://<org>/<name>, downloaded into "
+                            "$HF_HOME/hub; HF_TOKEN for gated ones); default: the bundled "
+                            "SmolLM2-135M-Instruct")
+    model.add_argument("--revision", default=None,
+                       help="branch, tag or commit of the --model repository (default: its "
+                            "default branch)")
     model.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                        help="name(s) clients pass as `model`; the first labels the metrics "
-                            "(default: the model folder's name)")
+                            "(default: the repository id, or the model folder's name)")
     model.add_argument("--dtype", default="auto",
                        help="auto, float32, bfloat16 or float16 (auto: the checkpoint's; "
                             "float32 on CPU)")
@@ -67,6 +72,11 @@ def register(subparsers) -> None:
     engine.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                         help="GPUs per model copy (brim's engine runs on one: only 1)")
     engine.add_argument("--seed", type=int, default=0, help="seed of requests without their own")
+    engine.add_argument("--memory-report-path", default=None, metavar="PATH",
+                        help="when the KV cache cannot hold --max-model-len, write the memory "
+                             "report (JSON: predicted and measured) here before exiting; in "
+                             "Kubernetes, the container's terminationMessagePath, for the "
+                             "operator to plan again with")
 
     server = p.add_argument_group("server")
     server.add_argument("--host", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
@@ -103,6 +113,10 @@ def create_engine(args: argparse.Namespace):
         from brim.runtime.models.bundled import bundled_model_path
 
         model = str(bundled_model_path(args.cache_dir))
+    else:
+        from brim.runtime.models.hub import resolve_model
+
+        model = str(resolve_model(model, revision=args.revision))
     config = EngineConfig.create(
         model, dtype=args.dtype, max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
@@ -112,6 +126,17 @@ def create_engine(args: argparse.Namespace):
         allow_long_max_model_len=args.allow_long_max_model_len, seed=args.seed,
         device=resolve_device(args.device))
     return Engine(config)
+
+
+def write_memory_report(path: str, report) -> None:
+    """The report as one JSON line (a termination message holds 4 KiB; this is ~1)."""
+    import json
+
+    try:
+        with open(path, "w") as f:
+            f.write(json.dumps(report.to_json(), separators=(",", ":")))
+    except OSError as exc:
+        logger.warning("could not write the memory report to %s: %s", path, exc)
 
 
 def log_memory_plan(engine, host: str, port: int, model_name: str) -> None:
@@ -130,16 +155,25 @@ def log_memory_plan(engine, host: str, port: int, model_name: str) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from brim.runtime.models.hub import served_model_name
     from brim.runtime.server.app import build_app
+
+    from brim.runtime.engine.errors import KVCacheTooSmallError
 
     try:
         engine = create_engine(args)
-        names = args.served_model_name or [engine.model_path.name]
+        names = args.served_model_name or [served_model_name(args.model or "",
+                                                             engine.model_path)]
         settings = ServerSettings(served_model_names=names, api_key=args.api_key or None,
                                   max_queue_len=args.max_queue_len,
                                   max_request_body_bytes=args.max_request_body_bytes,
                                   enable_vllm_metrics=args.enable_vllm_metrics)
         app = build_app(engine, settings)
+    except KVCacheTooSmallError as exc:
+        print(f"brim serve: {exc}", file=sys.stderr)
+        if args.memory_report_path and exc.report is not None:
+            write_memory_report(args.memory_report_path, exc.report)
+        return 2
     except (ValueError, FileNotFoundError) as exc:
         print(f"brim serve: {exc}", file=sys.stderr)
         return 2

@@ -28,7 +28,10 @@ def resolve_device(device: str) -> str:
 class LLM:
     """An engine with the model loaded, for batch generation in-process.
 
-    model: a folder with a Hugging Face checkpoint; None uses the bundled SmolLM2.
+    model: a folder with a Hugging Face checkpoint, or a Hub repository (`hf://<org>/<name>`,
+        downloaded once into the Hub cache, see brim.runtime.models.hub); None uses the
+        bundled SmolLM2.
+    revision: branch, tag or commit of a Hub repository (default: its default branch).
     max_model_len: int, a human-readable count ("25.6k", "32K"), None (the model's own) or
         "auto" (the model's own, lowered to what the KV cache holds instead of refusing).
     num_gpu_blocks: caps the KV cache at that many blocks. On CPU the default is
@@ -51,8 +54,13 @@ class LLM:
         seed: int = 0,
         device: str = "auto",
         cache_dir: str | None = None,
+        revision: str | None = None,
     ) -> None:
-        if model is None:
+        if model is not None:
+            from brim.runtime.models.hub import resolve_model
+
+            model = str(resolve_model(model, revision=revision))
+        else:
             from brim.runtime.models.bundled import bundled_model_path
 
             model = str(bundled_model_path(cache_dir))
