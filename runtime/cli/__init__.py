@@ -1,4 +1,4 @@
-"""The `brim` command: `brim generate | serve | plan`.
+"""The `brim` command: `brim generate | serve | plan | facts | operator`.
 
 Each subcommand lives in its own module of this package exposing `register(subparsers)`,
 which adds its parser and sets `func(args) -> int` (the exit code). Only the chosen
@@ -18,6 +18,8 @@ SUBCOMMANDS = {
     "generate": "brim.runtime.cli.generate",
     "serve": "brim.runtime.cli.serve",
     "plan": "brim.runtime.cli.plan",
+    "facts": "brim.runtime.cli.facts",
+    "operator": "brim.runtime.cli.operator",
 }
 
 

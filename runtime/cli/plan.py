@@ -50,6 +50,11 @@ def register(subparsers) -> None:
                         help=f"share of GPU memory to use, or auto: the smallest <= "
                              f"{MAX_GPU_MEMORY_UTILIZATION} that fits "
                              f"(default {DEFAULT_GPU_MEMORY_UTILIZATION})")
+    parser.add_argument("--min-model-len", default=None,
+                        help="with --max-model-len auto: the least context to settle for "
+                             "(shorter does not fit)")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                        help="cpu: plan a CPU runtime in --gpu-memory of container memory")
     parser.add_argument("--min-concurrency", type=int, default=1,
                         help="requests of max_model_len that must fit at once (default 1)")
     parser.add_argument("--dtype", default="auto", help="auto, bfloat16, float16, float32")
@@ -87,6 +92,8 @@ def run_plan(args: argparse.Namespace) -> int:
             min_concurrency=args.min_concurrency,
             num_gpus=args.num_gpus,
             enforce_eager=args.enforce_eager,
+            min_model_len=args.min_model_len,
+            device=args.device,
         ))
     except (ValueError, FileNotFoundError) as exc:
         print(f"brim plan: {exc}", file=sys.stderr)

@@ -21,6 +21,18 @@ _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV = "BRIM_CACHE_DIR"
 
 
+def bundled_facts():
+    """The bundled model's facts (config.json, tokenizer limit, weight bytes), without
+    converting it: what the operator plans a `bundled` ModelDeployment with. A test checks
+    them against the converted checkpoint."""
+    import json
+
+    from brim.runtime.planner.facts import CheckpointFacts
+
+    return CheckpointFacts.from_json(json.loads(
+        (Path(__file__).with_name("bundled_facts.json")).read_text()))
+
+
 def default_cache_dir() -> Path:
     """$BRIM_CACHE_DIR, else $XDG_CACHE_HOME/brim, else ~/.cache/brim."""
     if os.environ.get(CACHE_ENV):

@@ -560,8 +560,14 @@ class CheckpointFacts:
         weights = self.weights_bytes
         if self.tensors is not None:
             weights = weights_bytes_table(list(self.tensors), self.model.num_kv_heads)
-        return {"config": self.config, "tokenizer_config": self.tokenizer_config,
-                "generation_config": self.generation_config, "weights_bytes": weights}
+        # Only what the facts read from the tokenizer and generation configs: a chat template
+        # alone can be kilobytes.
+        tokenizer = {k: v for k, v in (self.tokenizer_config or {}).items()
+                     if k == "model_max_length"} or None
+        generation = {k: v for k, v in (self.generation_config or {}).items()
+                      if k == "eos_token_id"} or None
+        return {"config": self.config, "tokenizer_config": tokenizer,
+                "generation_config": generation, "weights_bytes": weights}
 
     @classmethod
     def from_json(cls, data: dict) -> "CheckpointFacts":
@@ -594,3 +600,41 @@ def read_checkpoint(path: str | os.PathLike) -> CheckpointFacts:
                            tokenizer_config=_read_json(path / "tokenizer_config.json"),
                            generation_config=_read_json(path / "generation_config.json"),
                            tensors=tensors, path=path)
+
+
+# A Kubernetes termination message holds 4096 bytes; larger facts travel compressed.
+TERMINATION_MESSAGE_BYTES = 4096
+_COMPRESSED = "gzip+base64:"
+
+
+def encode_facts(facts: CheckpointFacts) -> str:
+    """The facts as one line for a pod's termination message: compact JSON, or gzip+base64
+    of it (prefixed) when the JSON would not fit."""
+    import base64
+    import gzip
+
+    text = json.dumps(facts.to_json(), separators=(",", ":"), sort_keys=True)
+    if len(text.encode()) <= TERMINATION_MESSAGE_BYTES:
+        return text
+    packed = _COMPRESSED + base64.b64encode(gzip.compress(text.encode(), mtime=0)).decode()
+    if len(packed) > TERMINATION_MESSAGE_BYTES:
+        raise ValueError(f"the model's facts take {len(packed)} bytes compressed, more than a "
+                         f"termination message's {TERMINATION_MESSAGE_BYTES}: give the model's "
+                         "config inline (spec.model.config) instead")
+    return packed
+
+
+def decode_facts(message: str) -> CheckpointFacts:
+    """encode_facts() read back; ValueError when the message is not facts."""
+    import base64
+    import binascii
+    import gzip
+
+    message = message.strip()
+    try:
+        if message.startswith(_COMPRESSED):
+            message = gzip.decompress(base64.b64decode(message[len(_COMPRESSED):])).decode()
+        data = json.loads(message)
+    except (ValueError, binascii.Error, OSError) as exc:
+        raise ValueError(f"not a model-facts message: {exc}") from None
+    return CheckpointFacts.from_json(data)

@@ -52,6 +52,12 @@ SAMPLER_BYTES_PER_LOGIT = 20
 CUDA_GRAPH_BYTES_PER_LAYER_PER_GRAPH = 256 * 2**10
 CUDA_GRAPH_MAX_BATCH = 512  # vLLM's largest captured decode batch
 
+# CPU serving (spec.device cpu): the runtime process besides weights, KV cache and activations
+# (Python, torch, the tokenizers, the HTTP server). Measured on the bundled SmolLM2 with
+# `brim serve --device cpu` (x86-64, torch 2.13.0 CPU, 2026-11-28): RSS 1.06 GiB at start with
+# 0.50 GiB of weights and 0.04 GiB of KV cache; rounded up to leave the allocator room.
+CPU_RUNTIME_BYTES = 768 * MiB
+
 # The engine's defaults, which the planner assumes when not told otherwise.
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.90
 MAX_GPU_MEMORY_UTILIZATION = 0.95  # the most "auto" chooses: leaves room for fragmentation
@@ -59,7 +65,8 @@ DEFAULT_BLOCK_SIZE = 16
 
 
 def activation_bytes(facts: ModelFacts, dtype_bytes: int, num_tokens: int, num_logit_rows: int,
-                     tensor_parallel_size: int = 1) -> int:
+                     tensor_parallel_size: int = 1, workspace_bytes: int = CUBLAS_WORKSPACE_BYTES
+                     ) -> int:
     """Peak torch memory of one forward of num_tokens tokens, beyond the weights.
 
     The larger of a decoder layer's peak and the logits' peak (layer temporaries are freed
@@ -72,7 +79,8 @@ def activation_bytes(facts: ModelFacts, dtype_bytes: int, num_tokens: int, num_l
                  [T, I] each (ungated). Measured: exactly 3h + 4I per token on the H100.
     Logits: final hidden [T, h], lm_head output [rows, V] in the model dtype, and the sampler's
     float32 work (SAMPLER_BYTES_PER_LOGIT per logit), rows = tokens that sample. Plus
-    cuBLAS's workspace, which torch's allocator holds from the first matmul on.
+    cuBLAS's workspace (workspace_bytes), which torch's allocator holds from the first matmul
+    on (none on CPU).
     """
     tp = tensor_parallel_size
     h, d = facts.hidden_size, facts.head_dim
@@ -85,7 +93,7 @@ def activation_bytes(facts: ModelFacts, dtype_bytes: int, num_tokens: int, num_l
     layer_peak = num_tokens * max(attention, norm, mlp)
     logits_peak = (num_tokens * h * dtype_bytes
                    + num_logit_rows * facts.vocab_size * (dtype_bytes + SAMPLER_BYTES_PER_LOGIT))
-    return CUBLAS_WORKSPACE_BYTES + max(layer_peak, logits_peak)
+    return workspace_bytes + max(layer_peak, logits_peak)
 
 
 def rope_table_bytes(facts: ModelFacts) -> int:
@@ -141,10 +149,16 @@ class PlanRequest:
         attention and KV heads, at most num_gpus, that fits.
     max_model_len: None takes the model's derived maximum; "auto" the largest that fits
         (capped by the derived maximum); else a count ("32k").
-    max_num_batched_tokens: tokens per step; None applies the CUDA engine's default.
+    min_model_len: with max_model_len "auto", the least it may settle for: a plan whose
+        longest fitting length is shorter does not fit.
+    max_num_batched_tokens: tokens per step; None applies the engine's default for the device.
     min_concurrency: requests of max_model_len that must fit at once.
     num_gpus: GPUs available to one replica (bounds "auto" tensor parallelism).
     enforce_eager: brim's engine does not capture CUDA graphs yet; False adds their memory.
+    extra_non_kv_bytes: memory a running engine measured beyond this model's prediction (the
+        operator feeds a failed pod's report back), added to the non-KV memory.
+    device: "cuda" plans one GPU's memory; "cpu" plans a CPU runtime's memory
+        (gpu_memory_bytes is then the container's memory).
     """
 
     checkpoint: CheckpointFacts
@@ -160,10 +174,19 @@ class PlanRequest:
     min_concurrency: int = 1
     num_gpus: int | None = None
     enforce_eager: bool = True
+    min_model_len: int | str | None = None
+    extra_non_kv_bytes: int = 0
+    device: str = "cuda"
 
     def __post_init__(self) -> None:
         if self.min_concurrency < 1:
             raise ValueError(f"min_concurrency must be >= 1, got {self.min_concurrency}")
+        if self.device not in ("cuda", "cpu"):
+            raise ValueError(f"device must be 'cuda' or 'cpu', got {self.device!r}")
+        if self.device == "cpu" and self.tensor_parallel_size not in (1, "1"):
+            raise ValueError("tensor_parallel_size must be 1 on CPU")
+        if self.extra_non_kv_bytes < 0:
+            raise ValueError(f"extra_non_kv_bytes must be >= 0, got {self.extra_non_kv_bytes}")
         if not is_auto(self.gpu_memory_utilization):
             util = float(self.gpu_memory_utilization)
             if not 0 < util <= 1:
@@ -178,7 +201,10 @@ class Plan:
     num_gpu_blocks: KV blocks in what total x gpu_memory_utilization leaves after non-KV.
     kv_cache_tokens = num_gpu_blocks x block_size.
     max_concurrency: requests of max_model_len tokens the cache holds at once.
-    fits: max_model_len fits min_concurrency times; messages say why not and what would fit.
+    fits: max_model_len fits min_concurrency times (and is at least min_model_len when it
+        was "auto"); messages say why not and what would fit.
+    extra_non_kv_bytes: measured memory beyond the model's prediction, included in
+        non_kv_bytes (PlanRequest.extra_non_kv_bytes).
     """
 
     gpu_memory_bytes: int
@@ -207,6 +233,9 @@ class Plan:
     max_concurrency: int
     fits: bool
     messages: tuple[str, ...] = ()
+    device: str = "cuda"
+    min_model_len: int | None = None
+    extra_non_kv_bytes: int = 0
 
     def concurrency_at(self, num_tokens: int) -> int:
         """Requests of num_tokens tokens the KV cache holds at once."""
@@ -235,6 +264,7 @@ class _Inputs:
     derived_max_model_len: int
     requested_len: int
     is_auto_len: bool
+    min_len: int | None
     dtype: str
     kv_cache_dtype: str
     num_batched_tokens: int
@@ -280,13 +310,17 @@ def _resolve(request: PlanRequest) -> _Inputs:
         requested_len = derived
     else:
         requested_len = parse_token_count(request.max_model_len)
-    if request.max_num_batched_tokens is None:  # the CUDA engine's default
-        num_tokens = default_max_num_batched_tokens("cuda", request.max_num_seqs, requested_len)
+    device = request.device
+    if request.max_num_batched_tokens is None:  # the engine's default
+        num_tokens = default_max_num_batched_tokens(device, request.max_num_seqs, requested_len)
     else:
         num_tokens = parse_token_count(request.max_num_batched_tokens)
-    dtype = resolve_dtype(request.dtype, facts.checkpoint_dtype, "cuda")
+    min_len = (None if request.min_model_len is None
+               else parse_token_count(request.min_model_len))
+    dtype = resolve_dtype(request.dtype, facts.checkpoint_dtype, device)
     return _Inputs(request=request, facts=facts, derived_max_model_len=derived,
-                   requested_len=requested_len, is_auto_len=is_auto_len, dtype=dtype,
+                   requested_len=requested_len, is_auto_len=is_auto_len, min_len=min_len,
+                   dtype=dtype,
                    kv_cache_dtype=resolve_kv_cache_dtype(request.kv_cache_dtype, dtype),
                    num_batched_tokens=num_tokens)
 
@@ -306,13 +340,16 @@ def _plan_one(inputs: _Inputs, tp: int, utilization: float | str) -> Plan:
     derived, num_tokens = inputs.derived_max_model_len, inputs.num_batched_tokens
     dtype_bytes = MODEL_DTYPE_BYTES[inputs.dtype]
 
+    on_cpu = request.device == "cpu"
     weights, source = weights_bytes_per_gpu(request.checkpoint, dtype_bytes, tp)
     weights += rope_table_bytes(facts)
-    non_torch = non_torch_bytes(tp)
+    non_torch = CPU_RUNTIME_BYTES if on_cpu else non_torch_bytes(tp)
     activations = activation_bytes(facts, dtype_bytes, num_tokens,
-                                   min(request.max_num_seqs, num_tokens), tp)
-    graphs = 0 if request.enforce_eager else cuda_graph_bytes(facts, request.max_num_seqs)
-    non_kv = weights + non_torch + activations + graphs
+                                   min(request.max_num_seqs, num_tokens), tp,
+                                   workspace_bytes=0 if on_cpu else CUBLAS_WORKSPACE_BYTES)
+    graphs = 0 if request.enforce_eager or on_cpu else cuda_graph_bytes(facts,
+                                                                        request.max_num_seqs)
+    non_kv = weights + non_torch + activations + graphs + request.extra_non_kv_bytes
 
     kv_per_token = facts.kv_bytes_per_token(KV_CACHE_DTYPE_BYTES[inputs.kv_cache_dtype], tp)
     block_bytes = kv_per_token * block_size
@@ -329,20 +366,31 @@ def _plan_one(inputs: _Inputs, tp: int, utilization: float | str) -> Plan:
         max_len = min(derived, (num_blocks // min_concurrency) * block_size)
     fits = max_len > 0 and num_blocks >= -(-max_len // block_size) * min_concurrency
     messages = []
-    if max_len > derived:
+    where = "CPU" if on_cpu else f"{tp} GPU(s)"
+    below_min = inputs.is_auto_len and inputs.min_len is not None and max_len < inputs.min_len
+    if below_min:
+        fits = False
+    elif max_len > derived:
         fits = False
         messages.append(f"max_model_len={max_len} is longer than the model's maximum of "
                         f"{derived} tokens (derived from config.json); lower it to {derived}")
     if fits:
         messages.append(
-            f"fits: max_model_len={max_len} on {tp} GPU(s) x {_gib(total)} at "
+            f"fits: max_model_len={max_len} on {where} x {_gib(total)} at "
             f"gpu_memory_utilization={util:.2f}: {num_blocks} blocks of {block_size} tokens, "
             f"{num_blocks * block_size // max_len} requests of {max_len} tokens at once")
     elif budget < non_kv:
         messages.append(
-            f"does not fit: non-KV memory needs {_gib(non_kv)} per GPU (weights "
+            f"does not fit: non-KV memory needs {_gib(non_kv)} per "
+            f"{'CPU runtime' if on_cpu else 'GPU'} (weights "
             f"{_gib(weights)}, activations {_gib(activations)}, non-torch {_gib(non_torch)}) "
             f"but the budget is {_gib(budget)} ({_gib(total)} x {util:.2f})")
+    elif below_min:
+        messages.append(
+            f"does not fit: the longest max_model_len that fits is {max_len}, below "
+            f"min_model_len={inputs.min_len} ({num_blocks} blocks of {block_size} tokens fit "
+            f"in {_gib(budget)} ({_gib(total)} x {util:.2f}) after {_gib(non_kv)} of non-KV "
+            "memory)")
     elif max_len <= derived:
         shown_len = max_len if max_len > 0 else block_size
         shown_blocks = -(-shown_len // block_size) * min_concurrency
@@ -361,7 +409,8 @@ def _plan_one(inputs: _Inputs, tp: int, utilization: float | str) -> Plan:
         non_kv_bytes=non_kv, kv_cache_bytes=num_blocks * block_bytes, num_gpu_blocks=num_blocks,
         kv_cache_tokens=num_blocks * block_size,
         max_concurrency=num_blocks // -(-max_len // block_size) if max_len > 0 else 0,
-        fits=fits, messages=tuple(messages),
+        fits=fits, messages=tuple(messages), device=request.device, min_model_len=inputs.min_len,
+        extra_non_kv_bytes=request.extra_non_kv_bytes,
     )
 
 
@@ -372,7 +421,10 @@ def _advise(failed: Plan, inputs: _Inputs) -> list[str]:
     tp, conc = failed.tensor_parallel_size, failed.min_concurrency
     longest = min(failed.derived_max_model_len,
                   (failed.num_gpu_blocks // conc) * failed.block_size)
-    if failed.max_model_len <= failed.derived_max_model_len and longest > 0:
+    if inputs.is_auto_len and inputs.min_len is not None:
+        if longest > 0:
+            advice.append(f"lower min_model_len to {longest}")
+    elif failed.max_model_len <= failed.derived_max_model_len and longest > 0:
         advice.append(f"lower max_model_len to {longest}")
     utilization = request.gpu_memory_utilization
     if not is_auto(utilization):
@@ -380,6 +432,8 @@ def _advise(failed: Plan, inputs: _Inputs) -> list[str]:
         if at_max.fits:
             advice.append(f"raise gpu_memory_utilization to {at_max.gpu_memory_utilization:.2f}")
     for larger in facts.tensor_parallel_sizes():
+        if request.device == "cpu":
+            break
         if larger <= tp or (request.num_gpus or TENSOR_PARALLEL_SIZES[-1]) < larger:
             continue
         if _plan_one(inputs, larger, utilization).fits:

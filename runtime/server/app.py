@@ -27,8 +27,9 @@ from brim.runtime.server.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
 
-# Paths that answer without the API key: probes and scrapers carry no credentials.
-OPEN_PATHS = frozenset({"/health", "/metrics"})
+# Paths that answer without the API key: probes, scrapers and the operator carry no
+# credentials (and none of them reveals a request).
+OPEN_PATHS = frozenset({"/health", "/metrics", "/memory"})
 
 
 class ServerState:
@@ -188,6 +189,11 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     async def metrics() -> Response:
         body, content_type = state.metrics.render()
         return Response(body, media_type=content_type)
+
+    @app.get("/memory")
+    async def memory() -> dict:
+        """How the engine sized its KV cache: predicted beside measured (MemoryReport)."""
+        return state.engine.memory_report.to_json()
 
     @app.get("/version")
     async def version() -> dict:

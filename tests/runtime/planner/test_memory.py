@@ -375,3 +375,47 @@ def test_weights_follow_the_safetensors_index(tmp_path):
         {"weight_map": {"lm_head.weight": "model-00001-of-00001.safetensors"}}))
     assert weights_bytes_from_safetensors(tmp_path, TINY) == \
         sum(t.nbytes for t in _tiny_tensors().values())
+
+
+# -- what the operator asks of the planner ------------------------------------------------------
+
+def test_min_model_len_bounds_auto():
+    p = plan(config("Qwen2-7B-Instruct"), gpu_memory_bytes=19 * GiB, max_model_len="auto")
+    assert p.fits
+    at_least = plan(config("Qwen2-7B-Instruct"), gpu_memory_bytes=19 * GiB,
+                    max_model_len="auto", min_model_len=p.max_model_len)
+    assert at_least.fits and at_least.max_model_len == p.max_model_len
+    above = plan(config("Qwen2-7B-Instruct"), gpu_memory_bytes=19 * GiB, max_model_len="auto",
+                 min_model_len=p.max_model_len + 1)
+    assert not above.fits and above.min_model_len == p.max_model_len + 1
+    text = "\n".join(above.messages)
+    assert f"the longest max_model_len that fits is {p.max_model_len}, below min_model_len=" \
+        f"{p.max_model_len + 1}" in text
+    assert f"lower min_model_len to {p.max_model_len}" in text
+
+
+def test_measured_memory_is_added_to_the_non_kv():
+    base = plan(LLAMA, gpu_memory_bytes=21 * GiB, max_model_len="auto")
+    more = plan(LLAMA, gpu_memory_bytes=21 * GiB, max_model_len="auto",
+                extra_non_kv_bytes=GiB)
+    assert more.non_kv_bytes == base.non_kv_bytes + GiB and more.extra_non_kv_bytes == GiB
+    assert more.num_gpu_blocks == (int(21 * GiB * 0.9) - more.non_kv_bytes) // (131072 * 16)
+    assert more.max_model_len < base.max_model_len
+    with pytest.raises(ValueError, match="extra_non_kv_bytes must be >= 0"):
+        plan(LLAMA, gpu_memory_bytes=GiB, extra_non_kv_bytes=-1)
+
+
+def test_a_cpu_plan_sizes_the_container_memory():
+    from brim.runtime.planner.memory import CPU_RUNTIME_BYTES
+
+    p = plan(SMOL, gpu_memory_bytes=2 * GiB, device="cpu", max_model_len="4k",
+             max_num_seqs=8)
+    # float32 on CPU, the CPU step budget (8 x 4000 > 2048), no CUDA overheads.
+    assert (p.dtype, p.max_num_batched_tokens, p.cuda_graph_bytes) == ("float32", 2048, 0)
+    assert p.non_torch_bytes == CPU_RUNTIME_BYTES
+    activations = max(2048 * (3 * 576 + 4 * 1536) * 4, 2048 * 576 * 4 + 8 * 49152 * 24)
+    assert p.activation_bytes == activations  # no cuBLAS workspace
+    assert p.fits and p.num_gpu_blocks == (int(2 * GiB * 0.9) - p.non_kv_bytes) // (46080 * 16)
+    assert "on CPU" in p.messages[-1]
+    with pytest.raises(ValueError, match="tensor_parallel_size must be 1 on CPU"):
+        plan(SMOL, gpu_memory_bytes=2 * GiB, device="cpu", tensor_parallel_size=2)
