@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -103,3 +104,29 @@ def test_max_model_len_auto_shrinks_to_the_kv_cache(bundled_model_dir):
                                "--max-model-len", "1k", "--num-gpu-blocks", "16"])
     with pytest.raises(KVCacheTooSmallError, match="fewer than max_model_len=1000"):
         create_engine(fixed)  # an explicit length is never shortened silently
+
+
+def test_a_kv_cache_too_small_leaves_the_memory_report(tmp_path, monkeypatch, capsys):
+    """What the operator reads from a pod's termination message."""
+    from brim.runtime.cli import serve
+    from brim.runtime.engine.errors import KVCacheTooSmallError
+    from brim.runtime.planner.report import MemoryReport, MemoryUse
+
+    use = MemoryUse(gpu_memory_bytes=24 * 2**30, gpu_memory_utilization=0.9,
+                    weights_bytes=16 * 2**30, activation_bytes=2**30, non_torch_bytes=2**30,
+                    non_kv_bytes=18 * 2**30, num_gpu_blocks=100)
+    report = MemoryReport(device="cuda", gpu_memory_utilization=0.9, block_size=16,
+                          kv_bytes_per_token=131072, weights_bytes=16 * 2**30,
+                          num_gpu_blocks=100, max_model_len=8192,
+                          requested_max_model_len=8192, predicted=use, measured=use)
+
+    def too_small(args):
+        raise KVCacheTooSmallError(100, 16, 8192, "raise gpu_memory_utilization", report)
+
+    monkeypatch.setattr(serve, "create_engine", too_small)
+    path = tmp_path / "termination-log"
+    assert main(["serve", "--memory-report-path", str(path)]) == 2
+    assert "The KV cache holds 1600 tokens" in capsys.readouterr().err
+    written = MemoryReport.from_json(json.loads(path.read_text()))
+    assert written == report and not written.fits
+    assert len(path.read_bytes()) < 4096
