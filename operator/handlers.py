@@ -51,11 +51,9 @@ def connection_info(config) -> kopf.ConnectionInfo:
 
 
 def _run(ctx: rc.Context, namespace: str, name: str) -> None:
-    """Reconcile; what should be retried becomes kopf's TemporaryError."""
+    """Reconcile; API trouble worth retrying becomes kopf's TemporaryError (with backoff)."""
     try:
         rc.reconcile(ctx, namespace, name)
-    except rc.Retry as exc:
-        raise kopf.TemporaryError(str(exc), delay=exc.delay) from None
     except KubeError as exc:
         if exc.is_transient:
             raise kopf.TemporaryError(str(exc), delay=5) from None
@@ -69,7 +67,7 @@ def _run_owner(ctx: rc.Context, namespace: str, labels: dict) -> None:
         return
     try:
         rc.reconcile(ctx, namespace, name)
-    except (rc.Retry, KubeError) as exc:
+    except KubeError as exc:
         logger.info("%s/%s: reconciling after a child event: %s; the resync retries",
                     namespace, name, exc)
 

@@ -44,14 +44,6 @@ logger = logging.getLogger(__name__)
 API_VERSION = f"{GROUP}/{VERSION}"
 
 
-class Retry(Exception):
-    """Reconcile again after `delay` seconds (kopf.TemporaryError in the handlers)."""
-
-    def __init__(self, message: str, delay: float) -> None:
-        super().__init__(message)
-        self.delay = delay
-
-
 EventFn = Callable[[dict, str, str, str], None]  # (resource, type, reason, message)
 
 
@@ -284,7 +276,7 @@ def write_status(ctx: Context, md: dict, new_status: dict) -> None:
 
 
 def reconcile(ctx: Context, namespace: str, name: str) -> None:
-    """One full pass for one ModelDeployment. Raises Retry when it must run again soon."""
+    """One full pass for one ModelDeployment (KubeError when the API fails)."""
     with ctx.lock(namespace, name):
         md = ctx.kube.get(md_path(namespace, name))
         if md is None or md["metadata"].get("deletionTimestamp"):
@@ -301,7 +293,6 @@ def _reconcile(ctx: Context, md: dict) -> None:
                   endpoint=ch.endpoint(md, ctx.settings))
     deployment_path = path("apps/v1", "deployments", namespace, name)
     degraded = st.Condition("Degraded", "False", "AsPlanned")
-    retry = None
     try:
         spec = parse_spec(md, default_gpu_memory_utilization=ctx.settings.gpu_memory_utilization)
     except SpecError as exc:
@@ -320,8 +311,8 @@ def _reconcile(ctx: Context, md: dict) -> None:
         try:
             plan, planned = _plan(ctx, md, spec, correction)
         except FactsPending as exc:
+            # Not an error: the Job's completion (its event) or the resync plans again.
             planned = st.Condition("Planned", "Unknown", "ReadingModel", str(exc))
-            retry = Retry(str(exc), exc.delay)
         except FactsError as exc:
             planned = st.Condition("Planned", "False", "ModelUnreadable", str(exc))
     else:
@@ -351,8 +342,6 @@ def _reconcile(ctx: Context, md: dict) -> None:
                                 f"{planned.message}); the plan of generation {last_good} keeps "
                                 "serving")
     _finish(ctx, md, status, old, planned, degraded, deployment, spec.replicas)
-    if retry is not None:
-        raise retry
 
 
 def _plan(ctx: Context, md: dict, spec: DeploymentSpec, correction: int) -> tuple[dict, object]:
