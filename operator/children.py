@@ -145,8 +145,9 @@ def _resources(spec: DeploymentSpec, plan: dict, settings: OperatorSettings) -> 
                                      settings.gpu_resources)).items()}
     if not on_cpu:
         gpus = str(plan["tensorParallelSize"])
-        resources.setdefault("limits", {})[GPU_RESOURCE] = gpus
-        resources.setdefault("requests", {})[GPU_RESOURCE] = gpus
+        resource = plan.get("gpuResource") or GPU_RESOURCE  # a MIG profile's, or whole GPUs
+        resources.setdefault("limits", {})[resource] = gpus
+        resources.setdefault("requests", {})[resource] = gpus
     return resources
 
 

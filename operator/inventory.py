@@ -9,6 +9,15 @@ are NVIDIA GPU Feature Discovery's:
     nvidia.com/gpu.count     8
     allocatable nvidia.com/gpu: 8                    (what the scheduler can give)
 
+MIG's mixed strategy exposes each slice profile as its own resource and labels instead:
+
+    allocatable nvidia.com/mig-3g.40gb: 2
+    nvidia.com/mig-3g.40gb.product  NVIDIA-H100-80GB-HBM3-MIG-3g.40gb
+    nvidia.com/mig-3g.40gb.memory   40192
+
+Each profile is a class of its own, one slice per replica (no tensor parallelism across
+slices), requested as that resource.
+
 Memory per GPU comes from the node's label, else from brim's table of products
 (planner.gpus), else from `spec.gpu.memory`; a class with none of them cannot be planned and
 says so.
@@ -23,6 +32,7 @@ from brim.runtime.planner.gpus import GPU_MEMORY_MIB, MiB, lookup_gpu
 PRODUCT_LABEL = "nvidia.com/gpu.product"
 MEMORY_LABEL = "nvidia.com/gpu.memory"
 GPU_RESOURCE = "nvidia.com/gpu"
+MIG_RESOURCE_PREFIX = "nvidia.com/mig-"
 # Nodes with GPUs but no product label form one class, pinned with this product name.
 UNLABELLED = "(unlabelled)"
 # The taint GPU node pools carry (GKE, AKS, many installers); the runtime tolerates it.
@@ -46,6 +56,12 @@ class GpuClass:
     max_gpus_per_node: int
     num_nodes: int
     num_gpus: int
+    resource: str = GPU_RESOURCE  # what a pod requests: nvidia.com/gpu or a MIG profile's
+
+    @property
+    def is_mig_profile(self) -> bool:
+        """A MIG slice profile of the mixed strategy: one slice per replica."""
+        return self.resource != GPU_RESOURCE
 
     @property
     def is_labelled(self) -> bool:
@@ -121,29 +137,43 @@ def gpu_classes(nodes: list[dict], *, node_selector: dict | None = None,
                 spec_memory_bytes: int | None = None) -> list[GpuClass]:
     """The GPU classes of the nodes a runtime pod could land on, largest memory first."""
     tolerations = [GPU_TOLERATION, *(tolerations or [])]
-    groups: dict[tuple[str, str | None], list[int]] = {}
+    groups: dict[tuple[str, str | None, str], list[int]] = {}
     for node in nodes:
         if not is_eligible(node, node_selector or {}, tolerations):
             continue
         allocatable = (node.get("status") or {}).get("allocatable") or {}
-        num_gpus = _quantity_int(allocatable.get(GPU_RESOURCE, 0))
-        if num_gpus < 1:
-            continue
         labels = (node.get("metadata") or {}).get("labels") or {}
-        key = (labels.get(PRODUCT_LABEL) or UNLABELLED, labels.get(MEMORY_LABEL))
-        groups.setdefault(key, []).append(num_gpus)
+        for resource, value in allocatable.items():
+            count = _quantity_int(value)
+            if count < 1:
+                continue
+            if resource == GPU_RESOURCE:
+                key = (labels.get(PRODUCT_LABEL) or UNLABELLED, labels.get(MEMORY_LABEL),
+                       resource)
+            elif resource.startswith(MIG_RESOURCE_PREFIX):
+                profile = resource[len(MIG_RESOURCE_PREFIX):]
+                product = labels.get(f"{resource}.product") or \
+                    f"{labels.get(PRODUCT_LABEL) or UNLABELLED}-MIG-{profile}"
+                key = (product, labels.get(f"{resource}.memory"), resource)
+            else:
+                continue
+            groups.setdefault(key, []).append(count)
     classes = []
-    for (product, memory_label), counts in groups.items():
+    for (product, memory_label, resource), counts in groups.items():
         memory, source = _memory(product, memory_label, spec_memory_bytes)
+        mig = resource != GPU_RESOURCE
         classes.append(GpuClass(product=product, memory_label=memory_label,
                                 memory_bytes=memory, memory_source=source,
-                                max_gpus_per_node=max(counts), num_nodes=len(counts),
-                                num_gpus=sum(counts)))
+                                max_gpus_per_node=1 if mig else max(counts),
+                                num_nodes=len(counts), num_gpus=sum(counts),
+                                resource=resource))
     return sorted(classes, key=lambda c: (-(c.memory_bytes or 0), c.product))
 
 
 def pinning(gpu_class: GpuClass) -> tuple[dict, dict | None]:
     """(nodeSelector, affinity) that keep a pod on the class's nodes."""
+    if gpu_class.is_mig_profile:
+        return {f"{gpu_class.resource}.product": gpu_class.product}, None
     if gpu_class.is_labelled:
         selector = {PRODUCT_LABEL: gpu_class.product}
         if gpu_class.memory_label:  # same product, other memory (MIG slices) is another class

@@ -448,6 +448,8 @@ def _record(ctx: Context, pod_meta: dict, start: int, report: MemoryReport, sour
             return False
         ctx.kube.patch(md_path(namespace, name, "status"), {"status": {"measured": measured}})
     ctx._recorded_starts.add(key)
+    if len(ctx._recorded_starts) > 10000:  # pods come and go: keep the memory bounded
+        ctx._recorded_starts.clear()
     if not report.fits:
         ctx.events(md, "Warning", "MeasuredLess",
                    f"pod {pod_meta['name']} measured {report.num_gpu_blocks} KV blocks "

@@ -55,6 +55,7 @@ def plan_status(decision: Decision, candidate: Candidate | None = None) -> dict:
             out["minModelLen"] = p.min_model_len
         if candidate.gpu_class is not None:
             out["gpuProduct"] = candidate.gpu_class.product
+            out["gpuResource"] = candidate.gpu_class.resource
             node_selector, _ = pinning(candidate.gpu_class)
             out["nodeSelector"] = node_selector
     if not decision.fits:

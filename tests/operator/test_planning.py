@@ -164,3 +164,39 @@ def test_a_cpu_deployment_plans_against_the_container_memory():
 def test_what_the_schema_cannot_refuse_is_refused_with_the_field(spec, field):
     with pytest.raises(SpecError, match=field.replace(".", r"\.")):
         parse_spec(model_deployment(**spec))
+
+
+def test_mig_slices_are_classes_of_their_own():
+    h100 = "NVIDIA-H100-80GB-HBM3"
+    mixed = gpu_node("mig-mixed", h100, 0, 81559, labels={
+        "nvidia.com/mig.strategy": "mixed",
+        "nvidia.com/mig-1g.10gb.product": f"{h100}-MIG-1g.10gb",
+        "nvidia.com/mig-1g.10gb.memory": "9856",
+        "nvidia.com/mig-3g.40gb.product": f"{h100}-MIG-3g.40gb",
+        "nvidia.com/mig-3g.40gb.memory": "40192"})
+    mixed["status"]["allocatable"].update({"nvidia.com/mig-1g.10gb": "4",
+                                           "nvidia.com/mig-3g.40gb": "1"})
+    # Single strategy: the slice is "the GPU" in the usual labels.
+    single = gpu_node("mig-single", "NVIDIA-A100-SXM4-40GB-MIG-1g.5gb", 7, 4864)
+    classes = gpu_classes([mixed, single])
+    by_product = {c.product: c for c in classes}
+    three = by_product[f"{h100}-MIG-3g.40gb"]
+    assert (three.resource, three.memory_bytes, three.max_gpus_per_node) == (
+        "nvidia.com/mig-3g.40gb", 40192 * 2**20, 1)
+    assert by_product["NVIDIA-A100-SXM4-40GB-MIG-1g.5gb"].resource == "nvidia.com/gpu"
+    decision = decide(parse_spec(model_deployment(engine={"maxModelLen": "8k"})),
+                      facts("Llama-3.1-8B-Instruct"), classes, max_tensor_parallel_size=8)
+    chosen = decision.chosen
+    assert (chosen.product, chosen.tensor_parallel_size) == (f"{h100}-MIG-3g.40gb", 1)
+    assert pinning(chosen.gpu_class) == ({"nvidia.com/mig-3g.40gb.product": f"{h100}-MIG-3g.40gb"},
+                                         None)
+    assert all(c.tensor_parallel_size <= 1 for c in decision.candidates
+               if c.gpu_class.is_mig_profile)
+    from brim.operator.children import build_deployment
+    from brim.operator.settings import OperatorSettings
+    from brim.operator.status import plan_status
+
+    md = model_deployment(engine={"maxModelLen": "8k"})
+    deployment = build_deployment(md, parse_spec(md), plan_status(decision), OperatorSettings())
+    limits = deployment["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits["nvidia.com/mig-3g.40gb"] == "1" and "nvidia.com/gpu" not in limits
