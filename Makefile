@@ -43,3 +43,10 @@ bench: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# The runtime and operator images (images/*.Containerfile), tagged with pyproject.toml's
+# version, built with docker or podman where one has a running engine; where none has, it says
+# so and succeeds.
+.PHONY: images
+images:
+	bash images/build.sh
