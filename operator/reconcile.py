@@ -308,8 +308,11 @@ def _reconcile(ctx: Context, md: dict) -> None:
     replan = (plan is None or not plan.get("fits") or last_good != generation
               or correction > int(plan.get("extraNonKvBytes", 0)))
     if replan:
+        # A correction once measured keeps applying to later plans (a later pod that served
+        # fine replaces status.measured, not what the GPU taught).
+        carried = max(correction, int((plan or {}).get("extraNonKvBytes", 0)))
         try:
-            plan, planned = _plan(ctx, md, spec, correction)
+            plan, planned = _plan(ctx, md, spec, carried)
         except FactsPending as exc:
             # Not an error: the Job's completion (its event) or the resync plans again.
             planned = st.Condition("Planned", "Unknown", "ReadingModel", str(exc))

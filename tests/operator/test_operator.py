@@ -436,3 +436,18 @@ def test_a_serving_pod_reports_what_it_measured(operator, namespace, tmp_path):
         server.terminate()
         server.wait(timeout=30)
         log.close()
+
+
+def test_a_measured_correction_outlives_later_edits(operator, namespace):
+    kube = operator.kube
+    operator.apply_md(namespace, "llama", llama_spec())
+    md = operator.wait_condition(namespace, "llama", "Planned", "True")
+    extra = 256 * 2**20
+    _crash_with_report(kube, namespace, "llama", _fit_failure_report(md["status"]["plan"], extra))
+    operator.wait_md(namespace, "llama",
+                     lambda o: o["status"]["plan"].get("extraNonKvBytes") == extra)
+    # The corrected pods serve; an edit plans again, still with what the GPU taught.
+    operator.apply_md(namespace, "llama", llama_spec(maxNumSeqs=64))
+    md = operator.wait_condition(namespace, "llama", "Planned", "True")
+    assert md["status"]["plan"]["maxNumSeqs"] == 64
+    assert md["status"]["plan"]["extraNonKvBytes"] == extra
