@@ -1,9 +1,15 @@
-"""Prometheus metrics about the KV cache, the queues and request latency.
+"""Prometheus metrics about the KV cache, the memory plan, the queues and request latency.
 
 Every series is named `brim_*` and labelled with `model_name`. With
 `enable_vllm_metrics`, the series vLLM also has are exported a second time under
-vLLM's names (`vllm:kv_cache_usage_perc`, `vllm:num_requests_waiting`, ...) so that
-dashboards and autoscalers written for vLLM work unchanged.
+vLLM's current names (`vllm:kv_cache_usage_perc`, `vllm:num_requests_waiting`, ...) so
+that dashboards and autoscalers written for vLLM work unchanged. Names vLLM has retired
+(`vllm:gpu_cache_usage_perc`, `vllm:time_per_output_token_seconds`) are not exported.
+
+The memory gauges carry `source`: what the planner predicted for this GPU and these
+settings (`predicted`), what the engine profiled at start-up (`measured`) — both CUDA
+only — and what the engine runs with (`engine`: the measurement capped by
+num_gpu_blocks; on CPU the only source). The same names as planner.report.MemoryUse.
 
 Each ServerMetrics owns its CollectorRegistry (not the process-global one), so several
 apps can live in one process (tests do).
@@ -16,12 +22,20 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from brim.runtime.planner.report import MemoryReport
+
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
                  5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
 _ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
                 7.5, 10.0, 20.0, 40.0, 80.0)
 _REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
                     60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+# How a request can end (request_success's `finished_reason`): the engine's three, and
+# `error` for a request failed by an engine step that raised.
+FINISHED_REASONS = ("stop", "length", "abort", "error")
+# The memory gauges' `source` values.
+SOURCES = ("predicted", "measured", "engine")
 
 
 def length_buckets(max_len: int) -> tuple[int, ...]:
@@ -47,13 +61,13 @@ class MetricSpec:
     labels: tuple[str, ...] = ()
 
 
+_SOURCE = ("source",)
+
 SPECS = (
     # -- KV cache (gauges, from the engine after every step) --
     MetricSpec("kv_usage", Gauge, "brim_kv_cache_usage_ratio",
                "Fraction of KV-cache blocks in use by requests (0 to 1).",
-               ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")),
-    MetricSpec("blocks_total", Gauge, "brim_kv_cache_blocks_total",
-               "KV-cache blocks allocated at start-up."),
+               ("vllm:kv_cache_usage_perc",)),
     MetricSpec("blocks_free", Gauge, "brim_kv_cache_blocks_free",
                "KV-cache blocks no request holds (cached blocks included)."),
     MetricSpec("blocks_used", Gauge, "brim_kv_cache_blocks_used",
@@ -61,7 +75,31 @@ SPECS = (
     MetricSpec("blocks_cached", Gauge, "brim_kv_cache_blocks_cached",
                "KV-cache blocks holding a reusable prefix (prefix caching)."),
     MetricSpec("capacity_tokens", Gauge, "brim_kv_cache_capacity_tokens",
-               "Tokens the KV cache holds: blocks x block_size."),
+               "Tokens the KV cache holds: the engine's blocks x block_size."),
+    # -- the memory plan (gauges, from the MemoryReport at start-up) --
+    MetricSpec("num_gpu_blocks", Gauge, "brim_kv_cache_num_gpu_blocks",
+               "KV-cache blocks, as predicted by the planner, as measured at start-up, and as "
+               "the engine runs with (source).", labels=_SOURCE),
+    MetricSpec("kv_cache_bytes", Gauge, "brim_memory_kv_cache_bytes",
+               "Bytes of KV cache: blocks x block_size x KV bytes per token (source).",
+               labels=_SOURCE),
+    MetricSpec("weights_bytes", Gauge, "brim_memory_weights_bytes",
+               "Bytes of model weights on one GPU (source).", labels=_SOURCE),
+    MetricSpec("activation_bytes", Gauge, "brim_memory_activation_bytes",
+               "Peak activation bytes of one forward at max_num_batched_tokens (source).",
+               labels=_SOURCE),
+    MetricSpec("non_torch_bytes", Gauge, "brim_memory_non_torch_bytes",
+               "Bytes held outside torch's allocator: CUDA context, libraries (source).",
+               labels=_SOURCE),
+    MetricSpec("non_kv_bytes", Gauge, "brim_memory_non_kv_bytes",
+               "Bytes of everything but the KV cache: weights, activations, non-torch (source).",
+               labels=_SOURCE),
+    MetricSpec("gpu_memory_bytes", Gauge, "brim_gpu_memory_bytes",
+               "The GPU's total memory in bytes (source).", labels=_SOURCE),
+    MetricSpec("gpu_memory_utilization", Gauge, "brim_gpu_memory_utilization_ratio",
+               "Share of the GPU's memory the engine may use (--gpu-memory-utilization)."),
+    MetricSpec("max_model_len", Gauge, "brim_max_model_len_tokens",
+               "The longest request (prompt + output) the engine serves, in tokens."),
     # -- queues --
     MetricSpec("running", Gauge, "brim_num_requests_running",
                "Requests in the running batch.", ("vllm:num_requests_running",)),
@@ -81,7 +119,7 @@ SPECS = (
     MetricSpec("prefix_hits", Counter, "brim_prefix_cache_hits",
                "Prompt tokens found in the prefix cache.", ("vllm:prefix_cache_hits",)),
     MetricSpec("request_success", Counter, "brim_request_success",
-               "Requests finished, by finish reason (stop, length, abort).",
+               "Requests finished, by finish reason (stop, length, abort, error).",
                ("vllm:request_success",), labels=("finished_reason",)),
     # -- per-request histograms --
     MetricSpec("ttft", Histogram, "brim_time_to_first_token_seconds",
@@ -89,8 +127,7 @@ SPECS = (
                "ttft"),
     MetricSpec("itl", Histogram, "brim_inter_token_latency_seconds",
                "Time between consecutive tokens of a request.",
-               ("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds"),
-               "itl"),
+               ("vllm:inter_token_latency_seconds",), "itl"),
     MetricSpec("e2e", Histogram, "brim_e2e_request_latency_seconds",
                "Arrival to last token, for requests that finished.",
                ("vllm:e2e_request_latency_seconds",), "request"),
@@ -119,15 +156,19 @@ _COUNTER_STATS = {
     "prefix_cache_queries": "prefix_queries",
     "prefix_cache_hits": "prefix_hits",
 }
+# MemoryUse fields exported per source (the spec key is the field's name).
+_MEMORY_USE_FIELDS = ("num_gpu_blocks", "weights_bytes", "activation_bytes", "non_torch_bytes",
+                      "non_kv_bytes", "gpu_memory_bytes")
 
 
 class ServerMetrics:
     """The metrics of one served model.
 
-    cache_config: block_size, num_gpu_blocks, max_model_len, gpu_memory_utilization.
+    memory_report: how the engine sized its KV cache; sets the memory gauges and
+        cache_config_info once, at construction (they do not change while it runs).
     """
 
-    def __init__(self, model_name: str, cache_config: dict, *,
+    def __init__(self, model_name: str, memory_report: MemoryReport, *,
                  enable_vllm_metrics: bool = False) -> None:
         self.model_name = model_name
         self.registry = CollectorRegistry(auto_describe=True)
@@ -136,7 +177,7 @@ class ServerMetrics:
             "ttft": _TTFT_BUCKETS,
             "itl": _ITL_BUCKETS,
             "request": _REQUEST_BUCKETS,
-            "length": length_buckets(int(cache_config["max_model_len"])),
+            "length": length_buckets(memory_report.max_model_len),
         }
         self._metrics: dict[str, list] = {}
         for spec in SPECS:
@@ -148,19 +189,35 @@ class ServerMetrics:
                 for name in names
             ]
         self._last_counts = dict.fromkeys(_COUNTER_STATS, 0)
-        self._set("cache_config", 1, **{k: str(cache_config[k]) for k in
-                                        ("block_size", "num_gpu_blocks", "max_model_len",
-                                         "gpu_memory_utilization")})
-        self._set("capacity_tokens",
-                  int(cache_config["num_gpu_blocks"]) * int(cache_config["block_size"]))
+        self._set_memory(memory_report)
         # Create the labelled children now, so every series exists (at 0) before traffic.
-        for key in ("ttft", "itl", "e2e", "queue_time", "prompt_len", "generation_len",
-                    *_COUNTER_STATS.values()):
+        for key in ("kv_usage", "blocks_free", "blocks_used", "blocks_cached", "running",
+                    "waiting", "ttft", "itl", "e2e", "queue_time", "prompt_len",
+                    "generation_len", *_COUNTER_STATS.values()):
             for metric in self._metrics[key]:
                 metric.labels(model_name=model_name)
-        for reason in ("stop", "length", "abort"):
+        for reason in FINISHED_REASONS:
             for metric in self._metrics["request_success"]:
                 metric.labels(model_name=model_name, finished_reason=reason)
+
+    def _set_memory(self, report: MemoryReport) -> None:
+        block_bytes = report.block_size * report.kv_bytes_per_token
+        for source, use in (("predicted", report.predicted), ("measured", report.measured)):
+            if use is None:  # CPU: nothing predicted or profiled
+                continue
+            for field in _MEMORY_USE_FIELDS:
+                self._set(field, getattr(use, field), source=source)
+            self._set("kv_cache_bytes", use.num_gpu_blocks * block_bytes, source=source)
+        self._set("num_gpu_blocks", report.num_gpu_blocks, source="engine")
+        self._set("kv_cache_bytes", report.kv_cache_bytes, source="engine")
+        self._set("weights_bytes", report.weights_bytes, source="engine")
+        self._set("capacity_tokens", report.kv_cache_tokens)
+        self._set("gpu_memory_utilization", report.gpu_memory_utilization)
+        self._set("max_model_len", report.max_model_len)
+        self._set("cache_config", 1, block_size=str(report.block_size),
+                  num_gpu_blocks=str(report.num_gpu_blocks),
+                  max_model_len=str(report.max_model_len),
+                  gpu_memory_utilization=str(report.gpu_memory_utilization))
 
     def _children(self, key: str, labels: dict):
         return [m.labels(model_name=self.model_name, **labels) for m in self._metrics[key]]
@@ -182,7 +239,6 @@ class ServerMetrics:
     def update_engine(self, stats) -> None:
         """Gauges from a stats snapshot; counters grow by the engine counters' deltas."""
         self._set("kv_usage", stats.kv_cache_usage)
-        self._set("blocks_total", stats.num_total_blocks)
         self._set("blocks_free", stats.num_free_blocks)
         self._set("blocks_used", stats.num_used_blocks)
         self._set("blocks_cached", stats.num_cached_blocks)
@@ -210,6 +266,7 @@ class ServerMetrics:
         self.observe_finished_reason(finish_reason)
 
     def observe_finished_reason(self, finish_reason: str) -> None:
+        """Count a request that ended (FINISHED_REASONS), whether or not it produced tokens."""
         self._inc("request_success", finished_reason=finish_reason)
 
     def render(self) -> tuple[bytes, str]:
