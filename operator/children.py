@@ -93,6 +93,8 @@ def serve_args(spec: DeploymentSpec, plan: dict, settings: OperatorSettings) -> 
     # A runtime whose KV cache cannot hold max_model_len leaves its memory report here, for
     # the operator to plan again with (the container's terminationMessagePath).
     args += ["--memory-report-path", "/dev/termination-log"]
+    # Drain in-flight requests on SIGTERM, finishing a few seconds inside the pod's grace.
+    args += ["--shutdown-timeout", str(max(1, settings.termination_grace_seconds - 5))]
     return args + list(spec.extra_args)
 
 

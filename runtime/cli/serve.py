@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import functools
 import logging
 import os
+import signal
+import socket
 import sys
 
+from brim.runtime.engine import admission
 from brim.runtime.planner.lengths import DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS
 from brim.runtime.planner.memory import DEFAULT_BLOCK_SIZE, DEFAULT_GPU_MEMORY_UTILIZATION
-from brim.runtime.server.settings import DEFAULT_MAX_REQUEST_BODY_BYTES, ServerSettings
+from brim.runtime.server.settings import (
+    DEFAULT_CHAT_TEMPLATE_TIMEOUT,
+    DEFAULT_MAX_REQUEST_BODY_BYTES,
+    DEFAULT_SHUTDOWN_TIMEOUT,
+    ServerSettings,
+)
 
 logger = logging.getLogger("brim.runtime.server")
 
@@ -93,9 +103,60 @@ def register(subparsers) -> None:
     server.add_argument("--enable-vllm-metrics", action="store_true",
                         help="also export metrics under vLLM's names (vllm:kv_cache_usage_perc, "
                              "...) for existing vLLM dashboards and autoscalers")
+    server.add_argument("--trust-request-chat-template", action="store_true",
+                        help="accept a chat template sent with a request (`chat_template`); "
+                             "without it such requests get 400. It renders in a separate "
+                             "process, killed past --chat-template-timeout")
+    server.add_argument("--chat-template-timeout", type=float,
+                        default=DEFAULT_CHAT_TEMPLATE_TIMEOUT, metavar="SECONDS",
+                        help="budget for rendering a chat template and tokenizing a prompt; "
+                             f"past it, 400 (default {DEFAULT_CHAT_TEMPLATE_TIMEOUT:g})")
+    server.add_argument("--shutdown-timeout", type=float, default=DEFAULT_SHUTDOWN_TIMEOUT,
+                        metavar="SECONDS",
+                        help="on SIGTERM, stop accepting and give the requests in flight this "
+                             "long to finish, then end the rest (streams get an error event "
+                             "and [DONE]) and exit 0; keep it a few seconds below the pod's "
+                             "terminationGracePeriodSeconds (default "
+                             f"{DEFAULT_SHUTDOWN_TIMEOUT:g})")
+
+    limits = p.add_argument_group("work per request")
+    limits.add_argument("--max-n", type=int, default=admission.DEFAULT_MAX_N,
+                        help="most completions one request may ask for: n, times the number "
+                             "of prompts of a batched completions request (default "
+                             f"{admission.DEFAULT_MAX_N})")
+    limits.add_argument("--max-request-generation-tokens", type=int, default=None,
+                        metavar="N",
+                        help="most tokens one request may ask to generate: n x max_tokens over "
+                             "its prompts, max_tokens being what the context leaves when unset "
+                             f"(default {admission.GENERATION_TOKENS_PER_MAX_MODEL_LEN} x "
+                             "max_model_len)")
+    limits.add_argument("--max-logprobs", type=int, default=admission.DEFAULT_MAX_LOGPROBS,
+                        help="most alternatives per token (`logprobs`, chat's `top_logprobs`) "
+                             f"(default {admission.DEFAULT_MAX_LOGPROBS}, as vLLM)")
+    limits.add_argument("--max-stop-strings", type=int,
+                        default=admission.DEFAULT_MAX_STOP_STRINGS,
+                        help="most entries in `stop` (default "
+                             f"{admission.DEFAULT_MAX_STOP_STRINGS})")
+    limits.add_argument("--max-stop-string-len", type=int,
+                        default=admission.DEFAULT_MAX_STOP_STRING_LEN,
+                        help="most characters in one stop string (default "
+                             f"{admission.DEFAULT_MAX_STOP_STRING_LEN})")
+    limits.add_argument("--max-stop-token-ids", type=int,
+                        default=admission.DEFAULT_MAX_STOP_TOKEN_IDS,
+                        help="most entries in `stop_token_ids` (default "
+                             f"{admission.DEFAULT_MAX_STOP_TOKEN_IDS})")
     server.add_argument("--uvicorn-log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug", "trace"])
     p.set_defaults(func=run_serve)
+
+
+def request_limits(args: argparse.Namespace) -> admission.RequestLimits:
+    """The work one request may ask for, from the flags of the same names."""
+    return admission.RequestLimits(
+        max_n=args.max_n, max_request_generation_tokens=args.max_request_generation_tokens,
+        max_logprobs=args.max_logprobs, max_stop_strings=args.max_stop_strings,
+        max_stop_string_len=args.max_stop_string_len,
+        max_stop_token_ids=args.max_stop_token_ids)
 
 
 def create_engine(args: argparse.Namespace):
@@ -125,7 +186,7 @@ def create_engine(args: argparse.Namespace):
         enable_prefix_caching=args.enable_prefix_caching,
         allow_long_max_model_len=args.allow_long_max_model_len, seed=args.seed,
         device=resolve_device(args.device))
-    return Engine(config)
+    return Engine(config, request_limits(args))
 
 
 def write_memory_report(path: str, report) -> None:
@@ -152,6 +213,24 @@ def log_memory_plan(engine, host: str, port: int, model_name: str) -> None:
     logger.info("serving %s at http://%s:%d/v1 (metrics at /metrics)", model_name, shown, port)
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """The listening address, bound (not yet listening) before the model loads: a port
+    already taken is reported in a second, not after minutes of loading."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -161,23 +240,86 @@ def run_serve(args: argparse.Namespace) -> int:
     from brim.runtime.engine.errors import KVCacheTooSmallError
 
     try:
+        sock = bind(args.host, args.port)
+    except OSError as exc:
+        print(f"brim serve: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}. "
+              "Is another server running there? Stop it, or choose another --port.",
+              file=sys.stderr)
+        return 2
+    try:
         engine = create_engine(args)
         names = args.served_model_name or [served_model_name(args.model or "",
                                                              engine.model_path)]
         settings = ServerSettings(served_model_names=names, api_key=args.api_key or None,
                                   max_queue_len=args.max_queue_len,
                                   max_request_body_bytes=args.max_request_body_bytes,
-                                  enable_vllm_metrics=args.enable_vllm_metrics)
+                                  enable_vllm_metrics=args.enable_vllm_metrics,
+                                  trust_request_chat_template=args.trust_request_chat_template,
+                                  chat_template_timeout=args.chat_template_timeout,
+                                  shutdown_timeout=args.shutdown_timeout)
         app = build_app(engine, settings)
     except KVCacheTooSmallError as exc:
+        sock.close()
         print(f"brim serve: {exc}", file=sys.stderr)
         if args.memory_report_path and exc.report is not None:
             write_memory_report(args.memory_report_path, exc.report)
         return 2
     except (ValueError, FileNotFoundError) as exc:
+        sock.close()
         print(f"brim serve: {exc}", file=sys.stderr)
         return 2
     log_memory_plan(engine, args.host, args.port, names[0])
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
-                timeout_graceful_shutdown=5)
+    server = _server_class()(uvicorn.Config(app, log_level=args.uvicorn_log_level,
+                                            lifespan="on"))
+    # uvicorn restores the handlers it found when it stops and raises the signal it caught
+    # again: found the default SIGTERM handler, the process would die of it (exit 143)
+    # after the graceful shutdown. Handlers that do nothing make that a plain exit 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _already_handled)
+    server.run(sockets=[sock])
     return 0
+
+
+def _already_handled(signum, frame) -> None:
+    """uvicorn handled the signal (a graceful shutdown); its re-raise is a no-op."""
+
+
+@functools.cache
+def _server_class():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn with a drain: on shutdown (SIGTERM, SIGINT) it stops accepting, gives the
+        requests in flight the app's shutdown_timeout to finish, then ends the rest with a
+        proper last event (streams: an error event and [DONE]; others: 503).
+
+        config.app must be brim's app (build_app); timeout_graceful_shutdown is set to the
+        drain timeout plus a margin, as a backstop only.
+        """
+
+        def __init__(self, config: uvicorn.Config) -> None:
+            self.brim = config.app.state.brim
+            config.timeout_graceful_shutdown = self.brim.settings.shutdown_timeout + 5
+            super().__init__(config)
+
+        async def shutdown(self, sockets=None) -> None:
+            from brim.runtime.server import serving
+
+            timeout = self.brim.settings.shutdown_timeout
+            logger.info("shutting down: the requests in flight get up to %g s to finish "
+                        "(--shutdown-timeout)", timeout)
+            drain = asyncio.get_running_loop().call_later(
+                timeout, self.brim.engine.end_all, serving.ShutdownError(timeout))
+            try:
+                await super().shutdown(sockets)
+            finally:
+                drain.cancel()
+
+    return Server
+
+
+def __getattr__(name: str):
+    # `Server` needs uvicorn, which `brim serve --help` must not import.
+    if name == "Server":
+        return _server_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -96,6 +96,10 @@ class BlockPool:
     def lookup(self, block_hash: bytes) -> KVCacheBlock | None:
         return self.cached.get(block_hash)
 
+    def uncache(self, block: KVCacheBlock) -> None:
+        """Forget what the block holds: the prefix cache never hands it out again."""
+        self._evict(block)
+
     def _evict(self, block: KVCacheBlock) -> None:
         if block.block_hash is not None:
             if self.cached.get(block.block_hash) is block:

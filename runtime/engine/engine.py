@@ -2,25 +2,32 @@
 
     add_request -> Scheduler.schedule -> ModelRunner.execute -> Sampler
                 -> Scheduler.update (append, stop, free) -> detokenize -> RequestOutput
+
+One request must not fail the others. Admission (`admission.py`) refuses, when a request
+is added, every value a step would choke on. Should a step still raise, the engine runs
+its batch again in halves until each request that makes it raise is alone: those finish
+with finish_reason "error" (a FailedRequestOutput saying why), the others get exactly
+the tokens the step would have given them (seeded generators are rewound before each
+retry) and carry on.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from brim.runtime.config import EngineConfig
-from brim.runtime.engine.admission import Limits, admit
+from brim.runtime.engine.admission import Limits, RequestLimits, admit
 from brim.runtime.engine.cache_sizing import fit_max_model_len, size_kv_cache
 from brim.runtime.engine.detokenizer import IncrementalDetokenizer, find_stop
 from brim.runtime.engine.kv_cache_manager import KVCacheManager
 from brim.runtime.engine.model_runner import ModelRunner
 from brim.runtime.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from brim.runtime.engine.request import Request
-from brim.runtime.engine.scheduler import Scheduler
+from brim.runtime.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from brim.runtime.models.loader import load_model, model_weights_bytes
-from brim.runtime.sampling_params import SamplingParams
+from brim.runtime.sampling_params import SEED_MAX, SEED_MIN, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +50,20 @@ class EngineStats:
     prefix_cache_hits: int
 
 
+@dataclass(slots=True)
+class FailedRequestOutput(RequestOutput):
+    """The last output of a request the engine finished because a step failed on it.
+
+    Its completions end with finish_reason "error"; error says what raised.
+    """
+
+    error: str = ""
+
+
+# A step's sampled tokens: req_id -> (token id, its logprobs entry or None).
+Sampled = dict[str, tuple[int, object]]
+
+
 def load_tokenizer(path):
     from transformers import AutoTokenizer
 
@@ -58,7 +79,8 @@ class Engine:
     and the model runner.
     """
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig,
+                 request_limits: RequestLimits | None = None) -> None:
         started = time.monotonic()
         model_config = config.model
         self.model = load_model(model_config.path, model_config.facts, model_config.dtype,
@@ -77,7 +99,8 @@ class Engine:
         if isinstance(self.tokenizer.eos_token_id, int):
             eos |= {self.tokenizer.eos_token_id}
         self.eos_token_ids = eos
-        self.limits = Limits(self.max_model_len, model_config.facts.vocab_size)
+        self.limits = Limits(self.max_model_len, model_config.facts.vocab_size,
+                             request_limits or RequestLimits())
         self.parents: dict[str, list[Request]] = {}  # req_id -> its n children
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
@@ -127,7 +150,7 @@ class Engine:
         for index in range(params.n):
             child_params = params
             if params.n > 1 and params.seed is not None:
-                child_params = params.clone(seed=params.seed + index)
+                child_params = params.clone(seed=_child_seed(params.seed, index))
             child_id = req_id if params.n == 1 else f"{req_id}#{index}"
             request = Request(child_id, prompt_token_ids, child_params, max_tokens=max_tokens,
                               eos_token_ids=self.eos_token_ids, prompt=prompt, parent_id=req_id,
@@ -153,26 +176,99 @@ class Engine:
         out = self.scheduler.schedule()
         if not out.scheduled:
             return []
-        sampled = self.runner.execute(out)
-        sampled_map, logprob_map = {}, {}
-        if sampled is not None:
-            sampling = [s.request for s in out.scheduled if s.samples]
-            for request, token, lp in zip(sampling, sampled.token_ids, sampled.logprobs):
-                sampled_map[request.req_id] = token
-                logprob_map[request.req_id] = lp
-        advanced = self.scheduler.update(out, sampled_map)
+        sampled, errors = self._execute(out)
+        failed: dict[str, Exception] = {}  # parent_id -> what raised
+        for s in out.scheduled:
+            error = errors.get(s.request.req_id)
+            if error is not None:
+                self._uncache_step_blocks(s)
+                failed.setdefault(s.request.parent_id, error)
+        for parent_id in failed:
+            self._finish_parent(parent_id)
+        advanced = self.scheduler.update(out, {r: token for r, (token, _) in sampled.items()})
 
         now = time.monotonic()
         touched = {}
         for request in advanced:
-            self._process_token(request, logprob_map.get(request.req_id))
+            if request.parent_id in failed:
+                continue
+            try:
+                self._process_token(request, sampled[request.req_id][1])
+            except Exception as exc:  # detokenizing or logprobs: this request's alone
+                failed[request.parent_id] = exc
+                self._finish_parent(request.parent_id)
+                continue
             if request.first_token_time is None:
                 request.first_token_time = now
                 if request.index == 0:  # n children share one prompt
                     self.num_prompt_tokens += request.num_prompt_tokens
             self.num_generation_tokens += 1
             touched[request.parent_id] = True
-        return [self._output(parent_id) for parent_id in touched]
+        outputs = [self._failed_output(parent_id, error) for parent_id, error in failed.items()]
+        return outputs + [self._output(parent_id) for parent_id in touched
+                          if parent_id not in failed]
+
+    # -- isolation ------------------------------------------------------------------------
+
+    def _execute(self, out: SchedulerOutput) -> tuple[Sampled, dict[str, Exception]]:
+        """Forward and sample the step: the sampled tokens, and req_id -> error for the
+        requests the step fails on.
+
+        A batch that raises is split in halves, each run again (rewinding its seeded
+        generators first), until every request that makes it raise runs alone: a
+        request that fails alone is the culprit. k culprits among n requests cost about
+        2k log2(n) extra runs; the KV of a rerun is rewritten with the same values.
+        """
+        rewind = {s.request.req_id: s.request.generator.get_state() for s in out.scheduled
+                  if s.request.generator is not None}
+        try:
+            return self._run(out.scheduled), {}
+        except Exception as exc:
+            logger.warning("engine step over %d requests failed (%r); running it again in "
+                           "parts to find the request(s) it fails on", len(out.scheduled), exc)
+            pending = [(out.scheduled, exc)]
+        sampled: Sampled = {}
+        errors: dict[str, Exception] = {}
+        while pending:
+            batch, error = pending.pop()
+            if len(batch) == 1:
+                errors[batch[0].request.req_id] = error
+                continue
+            middle = len(batch) // 2
+            for part in (batch[:middle], batch[middle:]):
+                for s in part:
+                    if s.request.req_id in rewind:
+                        s.request.generator.set_state(rewind[s.request.req_id])
+                try:
+                    sampled.update(self._run(part))
+                except Exception as exc:
+                    pending.append((part, exc))
+        for req_id, error in errors.items():
+            logger.error("request %s fails the engine step by itself; finishing it with an "
+                         "error, the other requests carry on", req_id, exc_info=error)
+        return sampled, errors
+
+    def _run(self, scheduled: list[ScheduledRequest]) -> Sampled:
+        result = self.runner.execute(SchedulerOutput(scheduled=scheduled))
+        if result is None:
+            return {}
+        sampling = [s.request.req_id for s in scheduled if s.samples]
+        return {req_id: (token, lp)
+                for req_id, token, lp in zip(sampling, result.token_ids, result.logprobs)}
+
+    def _uncache_step_blocks(self, s: ScheduledRequest) -> None:
+        """The blocks a failed step was to fill may hold stale KV: the prefix cache must
+        not hand them out (they were registered when allocated)."""
+        self.kv_cache.uncache(s.block_table[s.start // self.kv_cache.block_size:])
+
+    def _finish_parent(self, parent_id: str) -> None:
+        for request in self.parents[parent_id]:
+            self.scheduler.finish(request, "error")  # a no-op for those already finished
+
+    def _failed_output(self, parent_id: str, error: Exception) -> FailedRequestOutput:
+        output = self._output(parent_id)
+        values = {f.name: getattr(output, f.name) for f in fields(output)}
+        return FailedRequestOutput(**values, error=repr(error))
 
     def _process_token(self, request: Request, logprob) -> None:
         token = request.all_token_ids[-1]
@@ -238,3 +334,9 @@ class Engine:
             prefix_cache_queries=self.kv_cache.num_queried_tokens,
             prefix_cache_hits=self.kv_cache.num_hit_tokens,
         )
+
+
+def _child_seed(seed: int, index: int) -> int:
+    """The seed of a request's index-th completion: seed + index, kept a signed 64-bit
+    integer (wrapping) so that a seed near the top of the range still works."""
+    return (seed + index - SEED_MIN) % (SEED_MAX - SEED_MIN + 1) + SEED_MIN

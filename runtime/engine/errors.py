@@ -3,6 +3,46 @@
 from __future__ import annotations
 
 
+class InvalidParamError(ValueError):
+    """A request parameter outside what the engine accepts.
+
+    param: the SamplingParams field at fault ("top_k", "stop_token_ids", ...).
+    template: the API's message, with "{param}" where the field's name goes. Callers that
+        know the field by another name (the chat API's `top_logprobs` for `logprobs`) ask
+        for `message_for(their_name)`.
+    plain: str() of the error, for the engine's own callers (default: message_for(param)).
+    """
+
+    def __init__(self, param: str, template: str, plain: str | None = None) -> None:
+        self.param = param
+        self.template = template
+        super().__init__(plain or self.message_for(param))
+
+    def message_for(self, name: str) -> str:
+        return self.template.replace("{param}", name)
+
+
+def out_of_range(param: str, allowed: str, value, plain: str | None = None
+                 ) -> InvalidParamError:
+    """"top_p must be in (0, 1], got 2.0"; to the API, "Invalid value for 'top_p': must be
+    in (0, 1], got 2.0." """
+    shown = _shown(value)
+    return InvalidParamError(param, f"Invalid value for '{{param}}': must be {allowed}, got "
+                                    f"{shown}.", plain or f"{param} must be {allowed}, got {shown}")
+
+
+def over_limit(param: str, asked: str, limit: int, unit: str, flag: str,
+               fix: str) -> InvalidParamError:
+    """A request that asks for more work than the server allows: the limit and its flag."""
+    return InvalidParamError(param, f"Invalid value for '{{param}}': {asked} is more than this "
+                                    f"server's limit of {limit} {unit} ({flag}). {fix}")
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 class PromptTooLongError(ValueError):
     """A request whose prompt plus max_tokens does not fit in max_model_len."""
 
@@ -10,28 +50,33 @@ class PromptTooLongError(ValueError):
         self.prompt_len = prompt_len
         self.max_tokens = max_tokens
         self.max_model_len = max_model_len
+        super().__init__(self.message_for("max_tokens"))
+
+    def message_for(self, max_tokens_name: str) -> str:
+        """The message, naming max_tokens as the client did (`max_completion_tokens`)."""
+        prompt_len, max_tokens, max_model_len = self.prompt_len, self.max_tokens, \
+            self.max_model_len
+        name = max_tokens_name
         if max_tokens is None or prompt_len >= max_model_len:
-            message = (
+            return (
                 f"This model's maximum context length is {max_model_len} tokens, and your prompt "
                 f"has {prompt_len} tokens, which leaves no room for output. Shorten the prompt to "
                 f"at most {max_model_len - 1} tokens."
             )
-        elif max_tokens >= max_model_len:
+        if max_tokens >= max_model_len:
             # No prompt could fit: "only -904 tokens are available" would be no help.
-            message = (
-                f"Your max_tokens={max_tokens} request alone fills max_model_len={max_model_len} "
+            return (
+                f"Your {name}={max_tokens} request alone fills max_model_len={max_model_len} "
                 f"(prompt plus output), leaving no room for your prompt of {prompt_len} tokens. "
-                f"Lower max_tokens to {max_model_len - prompt_len} or less."
+                f"Lower {name} to {max_model_len - prompt_len} or less."
             )
-        else:
-            available = max_model_len - max_tokens
-            message = (
-                f"Given your max_tokens={max_tokens} request and max_model_len={max_model_len}, "
-                f"only {available} tokens are available for the prompt, and your prompt has "
-                f"{prompt_len} tokens. Shorten the prompt by {prompt_len - available} tokens or "
-                f"lower max_tokens to {max_model_len - prompt_len}."
-            )
-        super().__init__(message)
+        available = max_model_len - max_tokens
+        return (
+            f"Given your {name}={max_tokens} request and max_model_len={max_model_len}, "
+            f"only {available} tokens are available for the prompt, and your prompt has "
+            f"{prompt_len} tokens. Shorten the prompt by {prompt_len - available} tokens or "
+            f"lower {name} to {max_model_len - prompt_len}."
+        )
 
 
 class EmptyPromptError(ValueError):

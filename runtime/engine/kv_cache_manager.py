@@ -101,6 +101,12 @@ class KVCacheManager:
                 self.pool.cache(block, block_hash)
         return True
 
+    def uncache(self, block_ids: list[int]) -> None:
+        """These blocks' contents are not what their hashes say (a failed step was to fill
+        them): keep the prefix cache from handing them out."""
+        for block_id in block_ids:
+            self.pool.uncache(self.pool.blocks[block_id])
+
     def free(self, request: Request) -> None:
         blocks = self.req_blocks.pop(request.req_id, [])
         self.pool.free(reversed(blocks))

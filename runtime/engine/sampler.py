@@ -8,6 +8,8 @@ import torch
 
 from brim.runtime.engine.request import Request
 
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
 
 @dataclass(slots=True)
 class SamplerOutput:
@@ -91,9 +93,14 @@ class Sampler:
         return SamplerOutput(token_list, logprobs)
 
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        temperature = torch.tensor([r.params.temperature or 1.0 for r in requests],
-                                   device=logits.device)
-        top_k = torch.tensor([r.params.top_k for r in requests], device=logits.device)
+        vocab = logits.shape[-1]
+        # Admission bounds every value; these two are clamped to what the tensors can hold:
+        # a top_k above the vocabulary keeps it all, a temperature above float32's range
+        # (1e300 would be inf, and -inf / inf is NaN) flattens the distribution as inf would.
+        temperature = torch.tensor([min(r.params.temperature or 1.0, _FLOAT32_MAX)
+                                    for r in requests], device=logits.device)
+        top_k = torch.tensor([min(r.params.top_k, vocab) for r in requests],
+                             device=logits.device)
         top_p = torch.tensor([r.params.top_p for r in requests], device=logits.device)
         min_p = torch.tensor([r.params.min_p for r in requests], device=logits.device)
         scaled = filter_logits(logits / temperature[:, None], top_k, top_p, min_p)

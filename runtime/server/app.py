@@ -14,15 +14,16 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from brim.runtime.server import protocol as p
 from brim.runtime.server import serving
 from brim.runtime.server.async_engine import AsyncEngine
-from brim.runtime.server.errors import APIError, from_validation_error, invalid_param
+from brim.runtime.server.errors import APIError, invalid_param
 from brim.runtime.server.metrics import ServerMetrics
+from brim.runtime.server.prompts import PromptEncoder, chat_prompt, completion_prompts
 from brim.runtime.server.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
@@ -49,13 +50,13 @@ class ServerState:
 
             tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         self.tokenizer = tokenizer
-        report = self.engine.memory_report
-        self.metrics = ServerMetrics(self.model_name, {
-            "block_size": report.block_size,
-            "num_gpu_blocks": report.num_gpu_blocks,
-            "max_model_len": self.max_model_len,
-            "gpu_memory_utilization": report.gpu_memory_utilization,
-        }, enable_vllm_metrics=settings.enable_vllm_metrics)
+        # Tokenizing and chat templates run off the event loop, with a time budget.
+        self.prompts = PromptEncoder(
+            tokenizer, timeout=settings.chat_template_timeout,
+            trust_request_chat_template=settings.trust_request_chat_template,
+            max_template_chars=4 * settings.max_request_body_bytes)
+        self.metrics = ServerMetrics(self.model_name, self.engine.memory_report,
+                                     enable_vllm_metrics=settings.enable_vllm_metrics)
         self.engine.metrics = self.metrics
         self.created = int(time.time())
 
@@ -75,19 +76,12 @@ class ServerState:
                 "(--max-queue-len). Retry later, or raise --max-queue-len.", code="queue_full")
 
     async def parse(self, raw: Request, model_cls: type[BaseModel]) -> BaseModel:
-        body = await raw.body()
-        check_body_size(len(body), self.settings.max_request_body_bytes)
-        try:
-            return model_cls.model_validate_json(body)
-        except ValidationError as exc:
-            raise from_validation_error(exc) from None
+        return await serving.read_json(raw, model_cls, self.settings.max_request_body_bytes)
 
 
 def check_body_size(num_bytes: int, limit: int) -> None:
     if num_bytes > limit:
-        raise APIError(413, f"The request body is {num_bytes} bytes, more than this server's "
-                       f"limit of {limit} bytes (--max-request-body-bytes). Send a smaller "
-                       "request, or raise the limit.", code="request_too_large")
+        raise serving.body_too_large(limit, num_bytes)
 
 
 def build_app(engine, settings: ServerSettings, *, tokenizer=None) -> FastAPI:
@@ -96,12 +90,16 @@ def build_app(engine, settings: ServerSettings, *, tokenizer=None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state.engine.start()
+        state.prompts.start()
         try:
             yield
         finally:
             await state.engine.stop()
+            state.prompts.close()
 
-    app = FastAPI(title="brim", version=_version(), lifespan=lifespan)
+    app = FastAPI(title="brim", version=_version(), lifespan=lifespan,
+                  description="brim's OpenAI-compatible server (docs/server.md).")
+    app.openapi = lambda: p.build_openapi(app)
     app.state.brim = state
     _add_error_handlers(app)
     app.add_middleware(Guard, settings=settings)
@@ -133,7 +131,7 @@ def _add_error_handlers(app: FastAPI) -> None:
                    if exc.status_code in (404, 405) else str(exc.detail))
         return APIError(exc.status_code, message,
                         type="invalid_request_error" if exc.status_code < 500 else None,
-                        ).to_response()
+                        headers=exc.headers).to_response()
 
     @app.exception_handler(Exception)
     async def internal_error(raw: Request, exc: Exception) -> JSONResponse:
@@ -179,34 +177,40 @@ class Guard:
 
 
 def _add_routes(app: FastAPI, state: ServerState) -> None:
-    @app.get("/health")
+    @app.get("/health", response_class=Response,
+             responses={200: {"description": "The model is loaded and the engine loop runs "
+                                             "(empty body)."}, 503: p.error_response(503)})
     async def health() -> Response:
         if state.engine.is_alive:
             return Response(status_code=200)
         return APIError(503, "The engine loop is not running.", code="engine_dead").to_response()
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses={200: {"description": "Prometheus text exposition format."}})
     async def metrics() -> Response:
         body, content_type = state.metrics.render()
         return Response(body, media_type=content_type)
 
-    @app.get("/memory")
+    @app.get("/memory", responses={200: {"description": "The memory report (JSON).",
+                                         "content": {"application/json": {"schema": {
+                                             "type": "object"}}}}})
     async def memory() -> dict:
         """How the engine sized its KV cache: predicted beside measured (MemoryReport)."""
         return state.engine.memory_report.to_json()
 
-    @app.get("/version")
+    @app.get("/version", responses=p.responses(p.VersionResponse, 401))
     async def version() -> dict:
         return {"version": _version()}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=p.responses(p.ModelList, 401))
     async def models() -> dict:
         cards = [p.ModelCard(id=name, created=state.created, root=state.model_path,
                              max_model_len=state.max_model_len).model_dump()
                  for name in state.settings.served_model_names]
         return {"object": "list", "data": cards}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=p.request_body(p.CompletionRequest),
+              responses=p.responses(p.CompletionResponse, *p.GENERATION_ERRORS, stream=True))
     async def completions(raw: Request) -> Response:
         arrival = time.monotonic()
         req = await state.parse(raw, p.CompletionRequest)
@@ -215,17 +219,21 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         if req.echo and req.logprobs is not None:
             raise invalid_param("echo", "echo together with logprobs is not supported (it would "
                                 "need the prompt's logprobs); drop one of them.")
-        prompts = _completion_prompts(state, req)
-        params = serving.build_sampling_params(req, req.max_tokens, req.logprobs)
-        for prompt in prompts:
-            serving.check_prompt(prompt, params, state.engine, "prompt")
+        # null is the documented default (OpenAI's 16), as when the field is left out.
+        max_tokens = p.DEFAULT_COMPLETION_MAX_TOKENS if req.max_tokens is None else \
+            req.max_tokens
+        params = serving.build_sampling_params(req, max_tokens, req.logprobs)
+        prompts = await completion_prompts(state.prompts, req)
+        serving.check_prompts(prompts, params, state.engine, "prompt")
         state.check_queue()
         job = serving.new_job("completion", model, prompts, params, req.logprobs, echo=req.echo,
                               include_usage=_include_usage(req), cache_salt=req.cache_salt)
         await serving.start(job, state.engine, arrival, "prompt")
         return serving.respond_stream(job) if req.stream else await serving.respond_full(job, raw)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=p.request_body(p.ChatCompletionRequest),
+              responses=p.responses(p.ChatCompletionResponse, *p.GENERATION_ERRORS,
+                                    stream=True))
     async def chat_completions(raw: Request) -> Response:
         arrival = time.monotonic()
         req = await state.parse(raw, p.ChatCompletionRequest)
@@ -234,34 +242,35 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         if req.top_logprobs is not None and not req.logprobs:
             raise invalid_param("top_logprobs", "top_logprobs needs logprobs=true.")
         num_logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        # Unset or null: what max_model_len leaves after the prompt (admission works it out).
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None \
             else req.max_tokens
-        param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-        if max_tokens is not None and max_tokens < 1:
-            raise invalid_param(param, f"Invalid value for '{param}': must be >= 1, got "
-                                f"{max_tokens}.")
-        prompt = _chat_prompt(state, req)
-        params = serving.build_sampling_params(req, max_tokens, num_logprobs)
-        serving.check_prompt(prompt, params, state.engine, "messages", param)
+        aliases = serving.chat_aliases(req)
+        params = serving.build_sampling_params(req, max_tokens, num_logprobs, aliases)
+        prompt = await chat_prompt(state.prompts, req)
+        serving.check_prompts([prompt], params, state.engine, "messages", aliases)
         state.check_queue()
         job = serving.new_job("chat", model, [prompt], params, num_logprobs,
-                              include_usage=_include_usage(req), cache_salt=req.cache_salt)
+                              include_usage=_include_usage(req), cache_salt=req.cache_salt,
+                              aliases=aliases)
         await serving.start(job, state.engine, arrival, "messages")
         return serving.respond_stream(job) if req.stream else await serving.respond_full(job, raw)
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", openapi_extra=p.request_body(p.TokenizeRequest),
+              responses=p.responses(p.TokenizeResponse, *p.JSON_BODY_ERRORS))
     async def tokenize(raw: Request) -> dict:
         req = await state.parse(raw, p.TokenizeRequest)
         state.resolve_model(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise invalid_param("prompt", "Give exactly one of 'prompt' or 'messages'.")
         if req.messages is not None:
-            tokens = _chat_prompt(state, req).token_ids
+            tokens = (await chat_prompt(state.prompts, req)).token_ids
         else:
-            tokens = state.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+            [tokens] = await state.prompts.encode([req.prompt], req.add_special_tokens)
         return {"count": len(tokens), "max_model_len": state.max_model_len, "tokens": tokens}
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", openapi_extra=p.request_body(p.DetokenizeRequest),
+              responses=p.responses(p.DetokenizeResponse, *p.JSON_BODY_ERRORS))
     async def detokenize(raw: Request) -> dict:
         req = await state.parse(raw, p.DetokenizeRequest)
         state.resolve_model(req.model)
@@ -270,7 +279,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         if bad:
             raise invalid_param("tokens", f"Token ids must be in [0, {vocab_size}); got "
                                 f"{bad[:5]}.")
-        return {"prompt": state.tokenizer.decode(req.tokens)}
+        return {"prompt": await state.prompts.decode(req.tokens)}
 
 
 def _refuse_unsupported(req: p.SamplingFields) -> None:
@@ -283,36 +292,3 @@ def _include_usage(req: p.SamplingFields) -> bool:
     if req.stream_options is not None and not req.stream:
         raise invalid_param("stream_options", "stream_options is only allowed with stream=true.")
     return bool(req.stream and req.stream_options and req.stream_options.include_usage)
-
-
-def _completion_prompts(state: ServerState, req: p.CompletionRequest) -> list[serving.Prompt]:
-    raw_prompt = req.prompt
-    if isinstance(raw_prompt, str):
-        items = [raw_prompt]
-    elif raw_prompt and all(isinstance(t, int) for t in raw_prompt):
-        items = [raw_prompt]  # one prompt as token ids
-    else:
-        items = list(raw_prompt)
-    if not items:
-        raise invalid_param("prompt", "The prompt is empty: give a string, a list of strings, "
-                            "or token ids.")
-    prompts = []
-    for item in items:
-        if isinstance(item, str):
-            prompts.append(serving.Prompt(item, state.tokenizer.encode(item)))
-        else:
-            text = state.tokenizer.decode(item) if req.echo else None
-            prompts.append(serving.Prompt(text, list(item)))
-    return prompts
-
-
-def _chat_prompt(state: ServerState, req) -> serving.Prompt:
-    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-    kwargs = getattr(req, "chat_template_kwargs", None) or {}
-    try:
-        text = state.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=req.add_generation_prompt, tokenize=False, **kwargs)
-    except Exception as exc:  # the template's own checks (roles, order) raise here
-        raise invalid_param("messages", f"The model's chat template refused these messages: "
-                            f"{exc}") from None
-    return serving.Prompt(text, state.tokenizer.encode(text, add_special_tokens=False))

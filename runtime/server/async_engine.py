@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from pathlib import Path
 
-from brim.runtime.engine.admission import Limits, admit
+from brim.runtime.engine.admission import Limits, admit_all
 from brim.runtime.engine.outputs import RequestOutput
 from brim.runtime.planner.report import MemoryReport
 from brim.runtime.sampling_params import SamplingParams
@@ -118,6 +118,7 @@ class AsyncEngine:
         self._pending_aborts: list[str] = []
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
+        self._ended: Exception | None = None  # set by end_all: later adds are refused with it
         self.stats = engine.get_stats()
         self.num_steps = 0
 
@@ -149,10 +150,11 @@ class AsyncEngine:
 
     # -- requests -------------------------------------------------------------------------
 
-    def check(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """The engine's admission rules, applied now (they hold as long as the engine does):
-        raises what `add` would, without queueing anything."""
-        admit(prompt_token_ids, params, self.limits)
+    def check(self, prompts: list[list[int]], params: SamplingParams) -> None:
+        """The engine's admission rules for one API request's prompts, applied now (they
+        hold as long as the engine does): raises what `add` would for each, or what the
+        request asks for in all (admission.admit_all), without queueing anything."""
+        admit_all(prompts, params, self.limits)
 
     async def add(
         self,
@@ -167,6 +169,8 @@ class AsyncEngine:
 
         Raises what `engine.add_request` raises (ValueError, PromptTooLongError).
         """
+        if self._ended is not None:
+            raise self._ended
         if not self.is_alive:
             raise EngineStepError("the engine loop is not running")
         accepted = asyncio.get_running_loop().create_future()
@@ -199,6 +203,14 @@ class AsyncEngine:
         self._pending_aborts.append(req_id)
         if self._wakeup is not None:
             self._wakeup.set()
+
+    def end_all(self, error: Exception) -> None:
+        """End every request in flight now: each stream raises `error` (shutdown past its
+        drain timeout); the engine drops them before its next step. Later adds raise it too."""
+        self._ended = error
+        for req_id, stream in list(self._streams.items()):
+            stream.put(error)
+            self.abort(req_id)
 
     def _forget(self, req_id: str) -> bool:
         self._streams.pop(req_id, None)
@@ -282,7 +294,8 @@ class AsyncEngine:
     def _fail_all(self, error: Exception) -> None:
         for req_id, stream in list(self._streams.items()):
             stream.put(error)
-            self._forget(req_id)
+            if self._forget(req_id) and self.metrics is not None:
+                self.metrics.observe_finished_reason("error")
             try:
                 self.engine.abort(req_id)
             except Exception:

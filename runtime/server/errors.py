@@ -7,15 +7,18 @@ what the limit is and what to change.
 
 from __future__ import annotations
 
+import annotated_types
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 # status -> the `type` OpenAI's API uses for it (clients map statuses to exception classes).
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     404: "invalid_request_error",
+    405: "invalid_request_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     500: "server_error",
     503: "service_unavailable_error",
 }
@@ -36,6 +39,7 @@ class APIError(Exception):
         param: str | None = None,
         code: str | None = None,
         type: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status_code = status_code
@@ -43,6 +47,7 @@ class APIError(Exception):
         self.param = param
         self.code = code
         self.type = type or ERROR_TYPES.get(status_code, "server_error")
+        self.headers = headers
 
     def to_dict(self) -> dict:
         return {
@@ -55,7 +60,9 @@ class APIError(Exception):
         }
 
     def to_response(self) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status_code == 401 else None
+        headers = dict(self.headers or {})
+        if self.status_code == 401:
+            headers["WWW-Authenticate"] = "Bearer"
         return JSONResponse(self.to_dict(), status_code=self.status_code, headers=headers)
 
 
@@ -63,8 +70,10 @@ def invalid_param(param: str | None, message: str, code: str | None = None) -> A
     return APIError(400, message, param=param, code=code)
 
 
-def from_validation_error(exc: ValidationError) -> APIError:
-    """The first pydantic error, naming the field as OpenAI's `param` (dotted path)."""
+def from_validation_error(exc: ValidationError, model: type[BaseModel] | None = None
+                          ) -> APIError:
+    """The first pydantic error, naming the field as OpenAI's `param` (dotted path) and,
+    for a number out of range, the whole range declared on `model`'s field."""
     first = exc.errors()[0]
     loc = [str(part) for part in first.get("loc", ())]
     param = ".".join(loc) or None
@@ -75,17 +84,81 @@ def from_validation_error(exc: ValidationError) -> APIError:
     if first.get("type") == "missing":
         return invalid_param(param, f"Missing required parameter: '{param}'.")
     received = first.get("input")
-    shown = repr(received) if not isinstance(received, (dict, list)) else type(received).__name__
+    shown = _shown(received)
+    allowed = _declared_range(model, loc) if first.get("type") in _RANGE_ERRORS else None
+    if allowed is not None:
+        return invalid_param(param, f"Invalid value for '{param}': must be {allowed}, got "
+                                    f"{shown}.")
     message = first["msg"].removeprefix("Value error, ")
     return invalid_param(param, f"Invalid value for '{param}': {message} (got {shown}).")
 
 
-def sampling_error(exc: ValueError, known_params: set[str]) -> APIError:
-    """A SamplingParams check ("top_p must be in (0, 1], got 2.0") as a 400 naming its param."""
-    message = str(exc)
-    first_word, _, rest = message.partition(" ")
-    if first_word not in known_params:
-        return invalid_param(None, message)
-    if rest.startswith("must "):  # "top_p must be in (0, 1], got 2.0"
-        message = f"Invalid value for '{first_word}': {rest}."
-    return invalid_param(first_word, message)
+_RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
+
+
+def _shown(value) -> str:
+    if isinstance(value, (dict, list)):
+        return type(value).__name__
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _declared_range(model: type[BaseModel] | None, loc: list[str]) -> str | None:
+    """"in (0, 1]", ">= 1": a top-level field's declared bounds, as the message states them."""
+    if model is None or len(loc) != 1 or loc[0] not in model.model_fields:
+        return None
+    low = high = None
+    for bound in model.model_fields[loc[0]].metadata:
+        if isinstance(bound, (annotated_types.Ge, annotated_types.Gt)):
+            low = bound
+        elif isinstance(bound, (annotated_types.Le, annotated_types.Lt)):
+            high = bound
+    if low is not None and high is not None:
+        opening = "[" if isinstance(low, annotated_types.Ge) else "("
+        closing = "]" if isinstance(high, annotated_types.Le) else ")"
+        return f"in {opening}{_bound(low)}, {_bound(high)}{closing}"
+    if low is not None:
+        return f"{'>=' if isinstance(low, annotated_types.Ge) else '>'} {_bound(low)}"
+    if high is not None:
+        return f"{'<=' if isinstance(high, annotated_types.Le) else '<'} {_bound(high)}"
+    return None
+
+
+def _bound(bound) -> object:
+    for name in ("ge", "gt", "le", "lt"):
+        if hasattr(bound, name):
+            return getattr(bound, name)
+    return bound
+
+
+def invalid_request(exc: ValueError, aliases: dict[str, str] | None = None,
+                    prompt_param: str | None = None) -> APIError:
+    """A 400 for a request the engine's checks refused (SamplingParams, admission).
+
+    aliases: the engine's name -> the API's, where they differ (chat's `top_logprobs` for
+    `logprobs`, `max_completion_tokens` for `max_tokens`); param and message use the API's.
+    prompt_param: what the prompt is called (`prompt`, `messages`).
+    """
+    from brim.runtime.engine.errors import (
+        EmptyPromptError,
+        InvalidParamError,
+        InvalidTokenIdError,
+        PromptTooLongError,
+    )
+
+    aliases = aliases or {}
+    if isinstance(exc, PromptTooLongError):
+        # The prompt alone too long: blame the prompt. Otherwise max_tokens is what to lower.
+        max_tokens_name = aliases.get("max_tokens", "max_tokens")
+        prompt_at_fault = exc.max_tokens is None or exc.prompt_len >= exc.max_model_len
+        return APIError(400, exc.message_for(max_tokens_name),
+                        param=prompt_param if prompt_at_fault else max_tokens_name,
+                        code="context_length_exceeded")
+    if isinstance(exc, InvalidParamError):
+        name = aliases.get(exc.param, exc.param)
+        if name == "prompt" and prompt_param is not None:
+            name = prompt_param
+        return invalid_param(name, exc.message_for(name))
+    if isinstance(exc, (EmptyPromptError, InvalidTokenIdError)):
+        return invalid_param(prompt_param, str(exc))
+    return invalid_param(None, str(exc))

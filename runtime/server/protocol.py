@@ -4,7 +4,13 @@ Requests ignore fields they do not know, as OpenAI-compatible servers do, so cli
 that send newer fields keep working; fields brim knows but cannot honour are refused
 with a 400 naming them (see `unsupported`). brim's extras beyond OpenAI: `top_k`,
 `min_p`, `min_tokens`, `ignore_eos`, `stop_token_ids`, `skip_special_tokens`,
-`include_stop_str_in_output`.
+`include_stop_str_in_output`, `cache_salt`, and for chat `chat_template` and
+`chat_template_kwargs`.
+
+The static ranges are declared here, so that /openapi.json states them; the ones that
+depend on the model or the server's flags (the vocabulary, max_model_len, --max-n,
+--max-logprobs, ...) are the engine's admission rules (`engine/admission.py`). These
+models are also the OpenAPI document's request and response schemas (`openapi_schemas`).
 """
 
 from __future__ import annotations
@@ -14,41 +20,51 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-# Most alternatives per token a client may ask for (OpenAI: 20 for chat, 5 for completions).
-MAX_LOGPROBS = 20
+from brim.runtime.sampling_params import SEED_MAX, SEED_MIN
 
 
 def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+# Requests ignore unknown fields, and take JSON types as the document states them: strict,
+# so that `"n": true` or `"max_tokens": "5"` is a 400 (an int is still a valid float).
+REQUEST_CONFIG = ConfigDict(extra="ignore", strict=True)
+
+
 class StreamOptions(BaseModel):
+    model_config = REQUEST_CONFIG
+
     include_usage: bool = False
 
 
 class SamplingFields(BaseModel):
     """Fields common to completions and chat completions."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST_CONFIG
 
     model: str | None = None
-    n: int = 1
+    n: int = Field(default=1, ge=1, description="completions per prompt (at most --max-n)")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
+    stop: str | list[str] | None = Field(
+        default=None, description="stop strings (at most --max-stop-strings, each at most "
+                                  "--max-stop-string-len characters)")
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
+    temperature: float | None = Field(default=None, ge=0, description="0 is greedy; default 1")
+    top_p: float | None = Field(default=None, gt=0, le=1)
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     # brim's extras (vLLM's names)
-    top_k: int | None = None
-    min_p: float | None = None
-    min_tokens: int = 0
+    top_k: int | None = Field(default=None, ge=-1, description="-1 or 0: no limit")
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    min_tokens: int = Field(default=0, ge=0)
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[int] | None = Field(
+        default=None, description="token ids in the model's vocabulary (at most "
+                                  "--max-stop-token-ids)")
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     # Prefix caching: requests share cached KV blocks only with requests of the same salt
@@ -66,10 +82,17 @@ class SamplingFields(BaseModel):
         return None
 
 
+# Completions: an unset or null max_tokens is OpenAI's documented default, 16.
+DEFAULT_COMPLETION_MAX_TOKENS = 16
+
+
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16  # OpenAI's default for completions
-    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    max_tokens: int | None = Field(
+        default=DEFAULT_COMPLETION_MAX_TOKENS, ge=1,
+        description=f"default (also when null) {DEFAULT_COMPLETION_MAX_TOKENS}, as OpenAI's")
+    logprobs: int | None = Field(default=None, ge=0,
+                                 description="alternatives per token (at most --max-logprobs)")
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
@@ -84,14 +107,14 @@ class CompletionRequest(SamplingFields):
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST_CONFIG
 
     type: str
     text: str | None = None
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST_CONFIG
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
@@ -105,12 +128,25 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
-    max_completion_tokens: int | None = None
+    # Unset or null: what max_model_len leaves after the prompt. max_tokens is deprecated
+    # by OpenAI in favour of max_completion_tokens; the latter wins when both are given.
+    max_tokens: int | None = Field(default=None, ge=1,
+                                   description="default (also when null): what "
+                                               "max_model_len leaves after the prompt")
+    max_completion_tokens: int | None = Field(default=None, ge=1,
+                                              description="max_tokens' newer name")
     logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: int | None = Field(default=None, ge=0,
+                                     description="alternatives per token (at most "
+                                                 "--max-logprobs); needs logprobs=true")
     add_generation_prompt: bool = True
-    chat_template_kwargs: dict | None = None
+    # vLLM's: a Jinja template that replaces the model's; refused unless the server runs
+    # with --trust-request-chat-template (also accepted inside chat_template_kwargs).
+    chat_template: str | None = Field(
+        default=None, description="replaces the model's chat template; needs a server "
+                                  "started with --trust-request-chat-template")
+    chat_template_kwargs: dict | None = Field(
+        default=None, description="extra variables for the chat template")
 
     def unsupported(self) -> tuple[str, str] | None:
         for part_list in (m.content for m in self.messages):
@@ -123,20 +159,25 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST_CONFIG
 
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+    chat_template: str | None = None  # as ChatCompletionRequest's (with messages)
+    chat_template_kwargs: dict | None = None
 
 
 class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST_CONFIG
 
     model: str | None = None
     tokens: list[int]
+
+
+REQUEST_MODELS = (CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest)
 
 
 # -- responses ------------------------------------------------------------------------
@@ -243,3 +284,118 @@ class ModelCard(BaseModel):
     owned_by: str = "brim"
     root: str | None = None
     max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class VersionResponse(BaseModel):
+    version: str
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error the server answers, in OpenAI's shape."""
+
+    error: ErrorDetail
+
+
+RESPONSE_MODELS = (CompletionResponse, ChatCompletionResponse, ChatCompletionChunk, ModelList,
+                   TokenizeResponse, DetokenizeResponse, VersionResponse, ErrorResponse)
+
+
+# -- the OpenAPI document -----------------------------------------------------------------
+#
+# The handlers read their bodies themselves (to count bytes as they arrive and to answer
+# in OpenAI's error shape), so FastAPI cannot see these models: the routes declare them
+# with request_body() and responses(), and build_openapi() adds their schemas.
+
+ERROR_DESCRIPTIONS = {
+    400: "An invalid parameter (`param` names it, the message gives the allowed range), or a "
+         "prompt too long for max_model_len (`code` context_length_exceeded).",
+    401: "The server runs with --api-key and the request lacks `Authorization: Bearer <key>`.",
+    404: "`model` is not a name this server serves.",
+    413: "The body is over --max-request-body-bytes.",
+    415: "The body is not JSON (`Content-Type: application/json`).",
+    500: "The engine failed on this request (the others and the server carry on).",
+    503: "The queue is full (--max-queue-len), the engine loop is not running, or the server "
+         "is shutting down.",
+}
+GENERATION_ERRORS = (400, 401, 404, 413, 415, 500, 503)
+JSON_BODY_ERRORS = (400, 401, 404, 413, 415)
+
+
+def schema_ref(model: type[BaseModel]) -> dict:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def request_body(model: type[BaseModel]) -> dict:
+    """openapi_extra for a route that reads `model` as its JSON body."""
+    return {"requestBody": {"required": True,
+                            "content": {"application/json": {"schema": schema_ref(model)}}}}
+
+
+def responses(ok: type[BaseModel] | None, *errors: int, stream: bool = False,
+              description: str = "Success.") -> dict:
+    """A route's responses: 200 with `ok` as JSON (or server-sent events when `stream`),
+    and each error status with OpenAI's error shape."""
+    content = {}
+    if ok is not None:
+        content["application/json"] = {"schema": schema_ref(ok)}
+    if stream:
+        content["text/event-stream"] = {"schema": {
+            "type": "string", "description": "with stream=true: `data: <chunk JSON>` events, "
+                                             "then `data: [DONE]`"}}
+    out: dict = {200: {"description": description, "content": content}}
+    for status in errors:
+        out[status] = error_response(status)
+    return out
+
+
+def error_response(status: int) -> dict:
+    return {"description": ERROR_DESCRIPTIONS[status],
+            "content": {"application/json": {"schema": schema_ref(ErrorResponse)}}}
+
+
+def openapi_schemas() -> dict[str, dict]:
+    """Every request and response model's JSON schema, for /openapi.json's components.
+
+    Requests are documented as they are validated, responses as they are written.
+    """
+    from pydantic.json_schema import models_json_schema
+
+    keys = [(m, "validation") for m in REQUEST_MODELS] + \
+        [(m, "serialization") for m in RESPONSE_MODELS]
+    _, top = models_json_schema(keys, ref_template="#/components/schemas/{model}")
+    return top.get("$defs", {})
+
+
+def build_openapi(app) -> dict:
+    """The app's OpenAPI document: FastAPI's paths plus the models' schemas (cached)."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        document = get_openapi(title=app.title, version=app.version, routes=app.routes,
+                               description=app.description)
+        document.setdefault("components", {}).setdefault("schemas", {}).update(
+            openapi_schemas())
+        app.openapi_schema = document
+    return app.openapi_schema

@@ -1,9 +1,10 @@
 """Completions and chat completions: OpenAI requests in, engine requests, OpenAI responses out.
 
-Both endpoints share one path: encode the prompt(s), check them against max_model_len,
-build SamplingParams, add one engine request per prompt (the engine fans out `n`), then
-either wait for the final outputs or stream deltas as server-sent events. Outputs are
-cumulative; the deltas are cut from them here.
+Both endpoints share one path: read the body (JSON, within the size limit), encode the
+prompt(s) off the event loop (`prompts.PromptEncoder`), build SamplingParams and check
+them with the engine's admission rules, add one engine request per prompt (the engine
+fans out `n`), then either wait for the final outputs or stream deltas as server-sent
+events. Outputs are cumulative; the deltas are cut from them here.
 """
 
 from __future__ import annotations
@@ -16,22 +17,23 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
 
-from brim.runtime.engine.errors import EmptyPromptError, InvalidTokenIdError, PromptTooLongError
+from brim.runtime.engine.engine import FailedRequestOutput
 from brim.runtime.engine.outputs import CompletionOutput, RequestOutput
 from brim.runtime.sampling_params import SamplingParams
 from brim.runtime.server import protocol as p
 from brim.runtime.server.async_engine import EngineStepError, RequestStream
-from brim.runtime.server.errors import APIError, invalid_param, sampling_error
-
-_SAMPLING_PARAMS = {"temperature", "top_p", "top_k", "min_p", "n", "min_tokens", "max_tokens",
-                    "logprobs", "stop", "seed"}
+from brim.runtime.server.errors import APIError, from_validation_error, invalid_request
+from brim.runtime.server.prompts import Prompt
 
 
-@dataclass(slots=True)
-class Prompt:
-    text: str | None
-    token_ids: list[int]
+class ShutdownError(Exception):
+    """The server is shutting down and this request outlived the drain timeout."""
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__(f"The server is shutting down and this request did not finish within "
+                         f"its drain timeout of {timeout:g} s (--shutdown-timeout). Retry it.")
 
 
 @dataclass(slots=True)
@@ -59,13 +61,51 @@ class Job:
     include_usage: bool = False
     cache_salt: str | None = None  # prefix-cache isolation (protocol.SamplingFields.cache_salt)
     streams: list[RequestStream] = field(default_factory=list)
+    # How the client named what the engine calls otherwise ("logprobs" -> "top_logprobs").
+    aliases: dict[str, str] = field(default_factory=dict)
 
 
 # -- request -> engine ----------------------------------------------------------------
 
 
+def is_json(content_type: str) -> bool:
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    return media_type == "application/json" or media_type.endswith("+json")
+
+
+async def read_json(raw: Request, model: type[BaseModel], max_bytes: int) -> BaseModel:
+    """The body as `model`: 415 unless it is JSON, 413 as soon as it passes max_bytes.
+
+    The body is counted as it arrives, so a chunked upload (no Content-Length) costs at
+    most max_bytes of memory before it is refused; what is left unread is discarded.
+    """
+    content_type = raw.headers.get("content-type", "")
+    if not is_json(content_type):
+        shown = f"'{content_type}'" if content_type else "none"
+        raise APIError(415, f"This endpoint takes a JSON body: send 'Content-Type: "
+                       f"application/json' (got {shown}).", code="unsupported_media_type")
+    chunks, num_bytes = [], 0
+    async for chunk in raw.stream():
+        num_bytes += len(chunk)
+        if num_bytes > max_bytes:
+            raise body_too_large(max_bytes)
+        chunks.append(chunk)
+    try:
+        return model.model_validate_json(b"".join(chunks))
+    except ValidationError as exc:
+        raise from_validation_error(exc, model) from None
+
+
+def body_too_large(max_bytes: int, num_bytes: int | None = None) -> APIError:
+    size = f"is {num_bytes} bytes," if num_bytes is not None else "is"
+    return APIError(413, f"The request body {size} more than this server's limit of "
+                    f"{max_bytes} bytes (--max-request-body-bytes). Send a smaller request, "
+                    "or raise the limit.", code="request_too_large")
+
+
 def build_sampling_params(req: p.SamplingFields, max_tokens: int | None,
-                          num_logprobs: int | None) -> SamplingParams:
+                          num_logprobs: int | None, aliases: dict[str, str] | None = None
+                          ) -> SamplingParams:
     stop = [req.stop] if isinstance(req.stop, str) else req.stop
     try:
         return SamplingParams(
@@ -85,34 +125,17 @@ def build_sampling_params(req: p.SamplingFields, max_tokens: int | None,
             include_stop_str_in_output=req.include_stop_str_in_output,
         )
     except ValueError as exc:
-        raise sampling_error(exc, _SAMPLING_PARAMS) from None
+        raise invalid_request(exc, aliases) from None
 
 
-def check_prompt(prompt: Prompt, params: SamplingParams, engine, prompt_param: str,
-                 max_tokens_param: str = "max_tokens") -> None:
-    """The engine's own admission rules, checked before queueing so errors come back at once."""
+def check_prompts(prompts: list[Prompt], params: SamplingParams, engine, prompt_param: str,
+                  aliases: dict[str, str] | None = None) -> None:
+    """The engine's own admission rules, checked before queueing so errors come back at once
+    (each prompt, and what the request asks for in all: n x prompts, generated tokens)."""
     try:
-        engine.check(prompt.token_ids, params)
+        engine.check([prompt.token_ids for prompt in prompts], params)
     except ValueError as exc:
-        raise admission_error(exc, prompt_param, max_tokens_param) from None
-
-
-def admission_error(exc: ValueError, prompt_param: str,
-                    max_tokens_param: str = "max_tokens") -> APIError:
-    """The 400 for a request the engine's admission rules refused."""
-    if isinstance(exc, PromptTooLongError):
-        return context_length_error(exc, prompt_param, max_tokens_param)
-    if isinstance(exc, (EmptyPromptError, InvalidTokenIdError)):
-        return invalid_param(prompt_param, str(exc))
-    return invalid_param(None, str(exc))
-
-
-def context_length_error(exc: PromptTooLongError, prompt_param: str,
-                         max_tokens_param: str = "max_tokens") -> APIError:
-    # The prompt alone too long: blame the prompt. Otherwise max_tokens is what to lower.
-    prompt_at_fault = exc.max_tokens is None or exc.prompt_len >= exc.max_model_len
-    return APIError(400, str(exc), param=prompt_param if prompt_at_fault else max_tokens_param,
-                    code="context_length_exceeded")
+        raise invalid_request(exc, aliases, prompt_param) from None
 
 
 async def start(job: Job, engine, arrival_time: float, prompt_param: str) -> None:
@@ -126,9 +149,11 @@ async def start(job: Job, engine, arrival_time: float, prompt_param: str) -> Non
     except BaseException as exc:
         abort_all(job)
         if isinstance(exc, ValueError):
-            raise admission_error(exc, prompt_param) from None
+            raise invalid_request(exc, job.aliases, prompt_param) from None
         if isinstance(exc, EngineStepError):
             raise APIError(503, f"The engine is not available: {exc}.") from None
+        if isinstance(exc, ShutdownError):
+            raise APIError(503, str(exc), code="shutting_down") from None
         raise
 
 
@@ -137,11 +162,17 @@ def abort_all(job: Job) -> None:
         stream.abort()
 
 
+def _checked(output: RequestOutput) -> RequestOutput:
+    if isinstance(output, FailedRequestOutput):  # the engine finished it: a step failed on it
+        raise EngineStepError(f"the engine failed on this request: {output.error}")
+    return output
+
+
 async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
     """(prompt index, output) from several streams as they come."""
     if len(streams) == 1:
         async for output in streams[0]:
-            yield 0, output
+            yield 0, _checked(output)
         return
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -163,7 +194,7 @@ async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Reque
             elif isinstance(item, Exception):
                 raise item
             else:
-                yield i, item
+                yield i, _checked(item)
     finally:
         for task in tasks:
             task.cancel()
@@ -268,6 +299,8 @@ async def respond_full(job: Job, raw: Request) -> JSONResponse | None:
         finals = collector.result()
     except EngineStepError as exc:
         raise APIError(500, f"The request failed inside the engine: {exc}.") from None
+    except ShutdownError as exc:
+        raise APIError(503, str(exc), code="shutting_down") from None
     finally:
         watcher.cancel()
         collector.cancel()
@@ -357,6 +390,8 @@ async def stream_events(job: Job) -> AsyncIterator[str]:
             yield _sse(_chunk(job, [], usage(job, finals)))
     except EngineStepError as exc:
         yield _sse(APIError(500, f"The request failed inside the engine: {exc}.").to_dict())
+    except ShutdownError as exc:
+        yield _sse(APIError(503, str(exc), code="shutting_down").to_dict())
     finally:
         abort_all(job)
     yield "data: [DONE]\n\n"
@@ -369,8 +404,16 @@ def respond_stream(job: Job) -> StreamingResponse:
 
 def new_job(kind: str, model: str, prompts: list[Prompt], params: SamplingParams,
             num_logprobs: int | None, *, echo: bool = False, include_usage: bool = False,
-            cache_salt: str | None = None) -> Job:
+            cache_salt: str | None = None, aliases: dict[str, str] | None = None) -> Job:
     prefix = "chatcmpl" if kind == "chat" else "cmpl"
     return Job(kind=kind, request_id=p.random_id(prefix), model=model, created=int(time.time()),
                prompts=prompts, params=params, num_logprobs=num_logprobs, echo=echo,
-               include_usage=include_usage, cache_salt=cache_salt)
+               include_usage=include_usage, cache_salt=cache_salt, aliases=aliases or {})
+
+
+def chat_aliases(req: p.ChatCompletionRequest) -> dict[str, str]:
+    """The chat API's names for the engine's `logprobs` and `max_tokens`."""
+    aliases = {"logprobs": "top_logprobs"}
+    if req.max_completion_tokens is not None:
+        aliases["max_tokens"] = "max_completion_tokens"
+    return aliases

@@ -82,6 +82,17 @@ def test_the_deployment_runs_the_plan_pinned_to_its_gpu_class(gpu_plan):
     assert flag("--revision") == "0e9e39f" and flag("--served-model-name") == "llama"
     assert flag("--memory-report-path") == "/dev/termination-log"
     assert "--no-enable-prefix-caching" in args and args[-2:] == ["--max-queue-len", "64"]
+    assert flag("--shutdown-timeout") == str(SETTINGS.termination_grace_seconds - 5)
+    # The runtime's own parser reads every flag the operator writes, to the planned values.
+    from brim.runtime.cli import build_parser
+
+    parsed = build_parser(args).parse_args(args)
+    assert (parsed.max_model_len, parsed.tensor_parallel_size, parsed.dtype) == (
+        str(plan["maxModelLen"]), plan["tensorParallelSize"], "bfloat16")
+    assert parsed.gpu_memory_utilization == pytest.approx(plan["gpuMemoryUtilization"])
+    assert (parsed.max_num_seqs, parsed.block_size, parsed.enable_prefix_caching) == (
+        plan["maxNumSeqs"], plan["blockSize"], False)
+    assert parsed.memory_report_path == "/dev/termination-log"
     assert pod["nodeSelector"] == {"zone": "a", "nvidia.com/gpu.product": "NVIDIA-L4",
                                    "nvidia.com/gpu.memory": "23034"}
     gpus = str(plan["tensorParallelSize"])
@@ -166,6 +177,10 @@ def test_a_cpu_deployment_gets_the_exact_block_count_and_no_gpu():
     assert args[args.index("--device") + 1] == "cpu"
     assert args[args.index("--num-gpu-blocks") + 1] == str(plan["numGpuBlocks"])
     assert "--model" not in args  # the image's bundled model
+    from brim.runtime.cli import build_parser
+
+    parsed = build_parser(args).parse_args(args)
+    assert (parsed.device, parsed.num_gpu_blocks) == ("cpu", plan["numGpuBlocks"])
     assert "nvidia.com/gpu" not in str(container["resources"])
     assert "nodeSelector" not in deployment["spec"]["template"]["spec"]
 

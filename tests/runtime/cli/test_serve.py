@@ -21,6 +21,7 @@ README_REQUEST = {
     "model": "SmolLM2-135M-Instruct",
     "messages": [{"role": "user", "content": "What is the capital of France?"}],
     "max_tokens": 32,
+    "temperature": 0,
 }
 
 

@@ -221,3 +221,20 @@ def test_sampling_never_picks_eos_below_min_tokens():
     tokens = Sampler(seed=0)(logits, [request] * logits.shape[0]).token_ids
     assert EOS not in tokens
     assert set(tokens) == {0, 1, 3}
+
+
+def test_values_beyond_the_tensors_range_are_clamped_not_fatal():
+    """top_k above the vocabulary (even 2**63, past int64) keeps every token; a temperature
+    past float32's range flattens the distribution instead of making NaNs of -inf logits."""
+    logits = torch.tensor(np.log(PROBS), dtype=torch.float32)[None, :].repeat(2, 1)
+    requests = [make_request("k", 1, temperature=1.0, top_k=2**63, seed=3),
+                make_request("t", 1, temperature=1e300, min_tokens=1, seed=4)]
+    draws = []
+    for _ in range(400):
+        draws.append(Sampler(seed=0)(logits.clone(), requests).token_ids)
+        for r in requests:
+            r.generator.manual_seed(len(draws))
+    tokens = np.array(draws)
+    assert set(tokens[:, 0]) == set(range(len(PROBS)))  # the whole support, none cut
+    assert EOS not in set(tokens[:, 1])  # min_tokens still masks EOS, no NaN rows
+    assert set(tokens[:, 1]) == set(range(len(PROBS))) - {EOS}

@@ -24,24 +24,28 @@ ENGINE_KWARGS = dict(max_model_len=256, num_gpu_blocks=160, max_num_seqs=64, blo
 
 
 class LiveServer(str):
-    """The base URL, carrying the app's ServerState as `.state`."""
+    """The base URL, carrying the app's ServerState as `.state`, uvicorn's as `.server`."""
 
     state = None
+    server = None
 
 
 @contextlib.contextmanager
 def serve(engine, *, tokenizer=None, **settings) -> Iterator[LiveServer]:
-    """Run build_app(engine) under uvicorn in a thread on a free loopback port."""
+    """Run build_app(engine) under `brim serve`'s uvicorn server (with its shutdown drain)
+    in a thread on a free loopback port. `.server` is the uvicorn server."""
     import uvicorn
 
+    from brim.runtime.cli.serve import Server
     from brim.runtime.server.app import ServerSettings, build_app
 
     settings.setdefault("served_model_names", [MODEL])
+    settings.setdefault("shutdown_timeout", 2.0)  # tests that leave a stream open end fast
     app = build_app(engine, ServerSettings(**settings), tokenizer=tokenizer)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    server = Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -52,6 +56,7 @@ def serve(engine, *, tokenizer=None, **settings) -> Iterator[LiveServer]:
     try:
         url = LiveServer(f"http://127.0.0.1:{port}")
         url.state = app.state.brim
+        url.server = server
         yield url
     finally:
         server.should_exit = True
@@ -92,6 +97,12 @@ def fake_engine(bundled_model_dir, tokenizer):
     return FakeEngine(bundled_model_dir, tokenizer)
 
 
+@pytest.fixture
+def make_fake_engine(bundled_model_dir, tokenizer):
+    """FakeEngine(**kwargs) for tests that need other limits."""
+    return lambda **kwargs: FakeEngine(bundled_model_dir, tokenizer, **kwargs)
+
+
 class FakeStats:
     def __init__(self, **values) -> None:
         self.__dict__.update(values)
@@ -102,17 +113,23 @@ class FakeEngine:
 
     gate: cleared, step() waits (at most 10 s) until a test sets it; requests stay waiting.
     poison: a prompt token id; a step with such a request raises, as a broken kernel would.
+    bad_row: a prompt token id; the engine finishes such a request with an error and the
+        others carry on, as the real engine does when a step fails on one request.
+    request_limits: the work one request may ask for (the --max-n ... flags).
+    step_delay: seconds each step takes, so that requests stay in flight a while.
     """
 
-    def __init__(self, model_dir, tokenizer, num_gpu_blocks: int = 32) -> None:
+    def __init__(self, model_dir, tokenizer, num_gpu_blocks: int = 32,
+                 request_limits=None) -> None:
         from brim.runtime.config import EngineConfig
-        from brim.runtime.engine.admission import Limits
+        from brim.runtime.engine.admission import Limits, RequestLimits
         from brim.runtime.planner.report import MemoryReport
 
         config = EngineConfig.create(model_dir, device="cpu", **{
             **ENGINE_KWARGS, "num_gpu_blocks": num_gpu_blocks})
         self.model_path = config.model.path
-        self.limits = Limits(config.model.max_model_len, config.model.facts.vocab_size)
+        self.limits = Limits(config.model.max_model_len, config.model.facts.vocab_size,
+                             request_limits or RequestLimits())
         self.memory_report = MemoryReport(
             device="cpu", gpu_memory_utilization=config.cache.gpu_memory_utilization,
             block_size=config.cache.block_size, kv_bytes_per_token=0, weights_bytes=0,
@@ -124,12 +141,17 @@ class FakeEngine:
         self.gate = threading.Event()
         self.gate.set()
         self.poison: int | None = None
-        self.requests: dict[str, tuple[list[int], object, list[int]]] = {}
+        self.bad_row: int | None = None
+        self.step_delay = 0.0
+        self.requests: dict[str, tuple[list[int], object, list[int], int]] = {}
         self.num_steps = 0
         self.num_generation_tokens = 0
 
     def add_request(self, req_id, prompt_token_ids, params, prompt=None, cache_salt=None) -> None:
-        self.requests[req_id] = (list(prompt_token_ids), params, [])
+        from brim.runtime.engine.admission import admit
+
+        max_tokens = admit(prompt_token_ids, params, self.limits)  # as the engine does
+        self.requests[req_id] = (list(prompt_token_ids), params, [], max_tokens)
 
     def abort(self, req_id) -> None:
         self.requests.pop(req_id, None)
@@ -140,14 +162,24 @@ class FakeEngine:
     def step(self) -> list[RequestOutput]:
         if not self.gate.wait(timeout=10):
             raise TimeoutError("the test never opened the gate")
+        from brim.runtime.engine.engine import FailedRequestOutput
+
+        if self.step_delay:
+            time.sleep(self.step_delay)
         self.num_steps += 1
-        if any(self.poison in prompt for prompt, _, _ in self.requests.values()):
+        if any(self.poison in prompt for prompt, _, _, _ in self.requests.values()):
             raise RuntimeError("poisoned batch")
         outputs = []
-        for req_id, (prompt, params, generated) in list(self.requests.items()):
+        for req_id, (prompt, params, generated, max_tokens) in list(self.requests.items()):
+            if self.bad_row is not None and self.bad_row in prompt:
+                del self.requests[req_id]
+                outputs.append(FailedRequestOutput(req_id, None, prompt, [
+                    CompletionOutput(i, "", [], "error") for i in range(params.n)], True,
+                    error="IndexError('bad row')"))
+                continue
             generated.append(self.token)
             self.num_generation_tokens += 1
-            finished = len(generated) >= params.max_tokens
+            finished = len(generated) >= max_tokens
             text = self.tokenizer.decode(generated)
             outputs.append(RequestOutput(req_id, None, prompt, [
                 CompletionOutput(i, text, list(generated), "length" if finished else None)
@@ -158,7 +190,7 @@ class FakeEngine:
 
     def get_stats(self) -> FakeStats:
         # Before a request's first step it is waiting; after, running with one block.
-        waiting = sum(1 for _, _, g in self.requests.values() if not g)
+        waiting = sum(1 for _, _, g, _ in self.requests.values() if not g)
         running = len(self.requests) - waiting
         return FakeStats(num_running=running, num_waiting=waiting,
                          num_total_blocks=self.num_gpu_blocks,

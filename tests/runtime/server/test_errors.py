@@ -84,23 +84,35 @@ def test_context_length_through_the_openai_client(live_url):
     assert info.value.status_code == 400
     assert info.value.code == "context_length_exceeded"
     assert info.value.param == "max_completion_tokens"
-    assert "Given your max_tokens=250 request and max_model_len=256, only 6 tokens" in str(
-        info.value)
+    # Named as the client named it, in the message too.
+    assert "Given your max_completion_tokens=250 request and max_model_len=256, only 6 " \
+        "tokens" in str(info.value)
+    assert "or lower max_completion_tokens to " in str(info.value)
 
 
 @live
 @pytest.mark.parametrize(("body", "param", "message"), [
     ({"temperature": -1}, "temperature", "Invalid value for 'temperature': must be >= 0, got "
-                                         "-1.0."),
+                                         "-1."),
     ({"top_p": 2.0}, "top_p", "Invalid value for 'top_p': must be in (0, 1], got 2.0."),
     ({"n": 0}, "n", "Invalid value for 'n': must be >= 1, got 0."),
-    ({"min_tokens": 5, "max_tokens": 3}, "min_tokens", "min_tokens (5) must be <= max_tokens (3)"),
+    ({"min_tokens": 5, "max_tokens": 3}, "min_tokens", "Invalid value for 'min_tokens': must be "
+                                                       "<= max_tokens (3), got 5."),
     ({"max_tokens": 0}, "max_tokens", "Invalid value for 'max_tokens': must be >= 1, got 0."),
-    ({"logprobs": 50}, "logprobs", "Invalid value for 'logprobs': Input should be less than or "
-                                   "equal to 20 (got 50)."),
+    ({"logprobs": 50}, "logprobs", "Invalid value for 'logprobs': logprobs=50 is more than this "
+                                   "server's limit of 20 alternatives per token "
+                                   "(--max-logprobs). Ask for at most 20."),
     ({"temperature": "hot"}, "temperature", "Invalid value for 'temperature': Input should be a "
-                                            "valid number, unable to parse string as a number "
-                                            "(got 'hot')."),
+                                            "valid number (got 'hot')."),
+    ({"n": True}, "n", "Invalid value for 'n': Input should be a valid integer (got True)."),
+    ({"seed": 2**64}, "seed", "Invalid value for 'seed': must be in [-9223372036854775808, "
+                              "9223372036854775807], got 18446744073709551616."),
+    ({"top_k": 2**63, "stop_token_ids": [70000]}, "stop_token_ids",
+     "Invalid value for 'stop_token_ids': must be token ids in [0, 49152) (this model's "
+     "vocabulary), got [70000]."),
+    ({"n": 10000}, "n", "Invalid value for 'n': n=10000 is more than this server's limit of 128 "
+                        "completions per request (--max-n). Ask for fewer completions, or start "
+                        "the server with a higher --max-n."),
     ({"prompt": []}, "prompt", "The prompt is empty: give a string, a list of strings, or token "
                                "ids."),
     ({"prompt": [70000]}, "prompt", "Prompt token ids must be in [0, 49152) for this model's "

@@ -6,9 +6,9 @@ import pytest
 from pydantic import ValidationError
 
 from brim.runtime.engine.errors import PromptTooLongError
+from brim.runtime.sampling_params import SamplingParams
 from brim.runtime.server import protocol as p
-from brim.runtime.server.errors import APIError, from_validation_error, sampling_error
-from brim.runtime.server.serving import context_length_error
+from brim.runtime.server.errors import APIError, from_validation_error, invalid_request
 
 
 def test_error_shape_and_statuses():
@@ -22,15 +22,31 @@ def test_error_shape_and_statuses():
 
 
 def test_issue_budget_message():
-    error = context_length_error(PromptTooLongError(4500, 27000, 31096), "messages")
+    error = invalid_request(PromptTooLongError(4500, 27000, 31096), prompt_param="messages")
     assert error.message.startswith(
         "Given your max_tokens=27000 request and max_model_len=31096, only 4096 tokens are "
         "available for the prompt, and your prompt has 4500 tokens.")
     assert (error.status_code, error.param, error.code) == (400, "max_tokens",
                                                             "context_length_exceeded")
-    alone = context_length_error(PromptTooLongError(40000, 10, 31096), "messages")
+    alone = invalid_request(PromptTooLongError(40000, 10, 31096), prompt_param="messages")
     assert alone.param == "messages"
     assert alone.message.startswith("This model's maximum context length is 31096 tokens")
+
+
+def test_context_length_names_max_tokens_as_the_client_did():
+    error = invalid_request(PromptTooLongError(4500, 27000, 31096),
+                            {"max_tokens": "max_completion_tokens"}, "messages")
+    assert error.param == "max_completion_tokens"
+    assert error.message == (
+        "Given your max_completion_tokens=27000 request and max_model_len=31096, only 4096 "
+        "tokens are available for the prompt, and your prompt has 4500 tokens. Shorten the "
+        "prompt by 404 tokens or lower max_completion_tokens to 26596.")
+    fills = invalid_request(PromptTooLongError(10, 40000, 31096),
+                            {"max_tokens": "max_completion_tokens"}, "messages")
+    assert fills.message == (
+        "Your max_completion_tokens=40000 request alone fills max_model_len=31096 (prompt plus "
+        "output), leaving no room for your prompt of 10 tokens. Lower max_completion_tokens "
+        "to 31086 or less.")
 
 
 def test_validation_errors_name_the_field():
@@ -44,16 +60,39 @@ def test_validation_errors_name_the_field():
     assert from_validation_error(info.value).param == "messages"
 
 
-def test_sampling_errors_name_their_param():
-    error = sampling_error(ValueError("stop strings must be non-empty"), {"stop"})
-    assert (error.param, error.message) == ("stop", "stop strings must be non-empty")
-    error = sampling_error(ValueError("the prompt is empty"), {"stop"})
-    assert (error.param, error.message) == (None, "the prompt is empty")
-    error = sampling_error(ValueError("top_k must be 0 or -1 (disabled), or a positive integer, "
-                                      "got -5"), {"top_k"})
+def sampling_error(**params):
+    with pytest.raises(ValueError) as info:
+        SamplingParams(**params)
+    return invalid_request(info.value, {"logprobs": "top_logprobs"})
+
+
+def test_sampling_errors_name_their_param_and_range():
+    error = sampling_error(stop=["a", ""])
+    assert (error.param, error.message) == ("stop", "Invalid value for 'stop': stop strings "
+                                                    "must be non-empty.")
+    error = sampling_error(top_k=-5)
     assert error.param == "top_k"
     assert error.message == ("Invalid value for 'top_k': must be 0 or -1 (disabled), or a "
                              "positive integer, got -5.")
+    error = sampling_error(logprobs=-1)  # the chat API calls it top_logprobs
+    assert (error.param, error.message) == ("top_logprobs", "Invalid value for 'top_logprobs': "
+                                                            "must be >= 0, got -1.")
+    assert invalid_request(ValueError("something else")).param is None
+
+
+def test_out_of_range_fields_state_the_whole_declared_range():
+    for body, param, message in [
+        ({"top_p": 2.0}, "top_p", "Invalid value for 'top_p': must be in (0, 1], got 2.0."),
+        ({"top_p": 0}, "top_p", "Invalid value for 'top_p': must be in (0, 1], got 0."),
+        ({"seed": 2**64}, "seed", "Invalid value for 'seed': must be in [-9223372036854775808, "
+                                  "9223372036854775807], got 18446744073709551616."),
+        ({"n": 0}, "n", "Invalid value for 'n': must be >= 1, got 0."),
+        ({"top_k": -2}, "top_k", "Invalid value for 'top_k': must be >= -1, got -2."),
+    ]:
+        with pytest.raises(ValidationError) as info:
+            p.CompletionRequest.model_validate({"prompt": "x", **body})
+        error = from_validation_error(info.value, p.CompletionRequest)
+        assert (error.param, error.message) == (param, message)
 
 
 def test_prompt_forms_parse():
@@ -62,6 +101,7 @@ def test_prompt_forms_parse():
     assert p.CompletionRequest(prompt=[[1], [2, 3]]).prompt == [[1], [2, 3]]
     assert p.CompletionRequest(prompt=["a", "b"]).prompt == ["a", "b"]
     assert p.CompletionRequest(prompt="x").max_tokens == 16  # OpenAI's default
+    assert p.DEFAULT_COMPLETION_MAX_TOKENS == 16  # also what null means (app.completions)
     assert p.ChatCompletionRequest(messages=[{"role": "user", "content": "x"}]).max_tokens is None
 
 
