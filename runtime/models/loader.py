@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from brim.runtime.models.cpu_linear import PackedLinear, pack_linears
 from brim.runtime.models.llama import LlamaForCausalLM
 from brim.runtime.planner.dtypes import MODEL_DTYPE_BYTES
 from brim.runtime.planner.facts import ModelFacts, safetensors_files
@@ -76,13 +77,18 @@ def load_model(path: Path, facts: ModelFacts, dtype: str, device: str) -> LlamaF
         state["lm_head.weight"] = state["embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
     model.rotary.build(device)
-    return model.eval().requires_grad_(False)
+    model = model.eval().requires_grad_(False)
+    if device == "cpu":
+        pack_linears(model)
+    return model
 
 
 def model_weights_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's weights (a tied weight once; a packed copy counts on its own)."""
     seen, total = set(), 0
     for p in model.parameters():
         if p.data_ptr() not in seen:
             seen.add(p.data_ptr())
             total += p.numel() * p.element_size()
-    return total
+    return total + sum(m.num_weight_bytes for m in model.modules()
+                       if isinstance(m, PackedLinear))
