@@ -45,12 +45,14 @@ def paged_attention(
     backend: str | None = None,
     max_seq_len: int | None = None,
     out: torch.Tensor | None = None,
+    cpu_plan=None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's queries over its paged context.
 
     See `paged_attention_ref` for the contract. max_seq_len (optional, Triton only) is a
     host-known upper bound of seq_lens that sizes the decode split-K without a device
-    read-back. out (optional) receives the result and is returned.
+    read-back. out (optional) receives the result and is returned. cpu_plan (optional, torch
+    backend): the step's `cpu_attention.CpuAttentionPlan`, built once for all layers.
     """
     if _pick_backend(backend, q) == "triton":
         from brim.kernels.paged_attention_triton import paged_attention_triton
@@ -58,8 +60,14 @@ def paged_attention(
         return paged_attention_triton(
             q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
             sliding_window=sliding_window, max_seq_len=max_seq_len, out=out)
-    result = paged_attention_ref(q, k_cache, v_cache, block_tables, query_start_loc,
-                                 seq_lens, scale, sliding_window=sliding_window)
+    if cpu_plan is not None:
+        from brim.kernels.cpu_attention import paged_attention_cpu
+
+        result = paged_attention_cpu(q, k_cache, v_cache, cpu_plan, scale,
+                                     sliding_window=sliding_window)
+    else:
+        result = paged_attention_ref(q, k_cache, v_cache, block_tables, query_start_loc,
+                                     seq_lens, scale, sliding_window=sliding_window)
     if out is None:
         return result
     return out.copy_(result)
@@ -73,12 +81,21 @@ def store_kv(
     slot_mapping: torch.Tensor,  # [num_tokens]; block_id * block_size + offset, -1 = skip
     *,
     backend: str | None = None,
+    finite: bool = False,
 ) -> None:
-    """Write each token's K and V into its cache slot; slot -1 (padding) is skipped."""
+    """Write each token's K and V into its cache slot; slot -1 (padding) is skipped.
+
+    finite (torch backend): write non-finite values as 0 (and skip no slot), the cache that
+    the CPU path's attention expects (cpu_attention.store_kv_cpu).
+    """
     if _pick_backend(backend, key) == "triton":
         from brim.kernels.store_kv_triton import store_kv_triton
 
         store_kv_triton(key, value, k_cache, v_cache, slot_mapping)
+    elif finite:
+        from brim.kernels.cpu_attention import store_kv_cpu
+
+        store_kv_cpu(key, value, k_cache, v_cache, slot_mapping)
     else:
         store_kv_ref(key, value, k_cache, v_cache, slot_mapping)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from brim.kernels.cpu_attention import CpuAttentionPlan
 from brim.runtime.config import EngineConfig
 from brim.runtime.engine.sampler import Sampler, SamplerOutput
 from brim.runtime.engine.scheduler import SchedulerOutput
@@ -63,6 +64,9 @@ class ModelRunner:
             max_seq_len=max(seq_lens),
             backend=self.backend,
         )
+        if self.backend == "torch":  # one plan for every layer of the step
+            md.cpu_plan = CpuAttentionPlan.build(md.block_tables, md.query_start_loc,
+                                                 md.seq_lens, self.block_size)
         hidden = self.model(tensor(input_ids, torch.int64), tensor(positions, torch.int64),
                             self.kv_caches, md)
         if not logits_rows:

@@ -27,6 +27,7 @@ class AttentionMetadata:
     seq_lens: torch.Tensor  # [num_seqs] int32, context length after this step
     max_seq_len: int  # max(seq_lens), known on the host: sizes the decode kernel's split
     backend: str  # "torch" or "triton"
+    cpu_plan: object = None  # torch backend: kernels.cpu_attention.CpuAttentionPlan
 
 
 class RMSNorm(nn.Module):
@@ -66,10 +67,12 @@ class Attention(nn.Module):
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         q, k = self.rotary(positions, q, k)
         k_cache, v_cache = kv_cache
-        store_kv(k, v, k_cache, v_cache, md.slot_mapping, backend=md.backend)
+        store_kv(k, v, k_cache, v_cache, md.slot_mapping, backend=md.backend,
+                 finite=md.cpu_plan is not None)
         out = paged_attention(
             q, k_cache, v_cache, md.block_tables, md.query_start_loc, md.seq_lens, self.scale,
             sliding_window=self.sliding_window, max_seq_len=md.max_seq_len, backend=md.backend,
+            cpu_plan=md.cpu_plan,
         )
         return self.o_proj(out.view(num_tokens, self.q_size))
 

@@ -187,3 +187,53 @@ def test_entry_points_stay_functions_after_triton_use(seed):
     assert callable(brim.kernels.paged_attention) and callable(brim.kernels.store_kv)
     assert brim.kernels.paged_attention.__module__ == "brim.kernels"
     assert brim.kernels.store_kv.__module__ == "brim.kernels"
+
+
+CPU_CASES = {
+    "decode": [(37, 1), (5, 1), (130, 1), (64, 1), (200, 1), (16, 1)],
+    "prefill": [(40, 40), (77, 77), (3, 3)],
+    "mixed": [(90, 1), (33, 33), (120, 20), (17, 1), (250, 1), (48, 5)],
+}
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("kind", sorted(CPU_CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sliding_window", [None, 24])
+def test_cpu_plan_equals_the_reference(seed, kind, dtype, sliding_window):
+    """The CPU path computes the reference's operations, with the step's bookkeeping hoisted:
+    equal element for element (stale slots and padding hold finite garbage)."""
+    from brim.kernels.cpu_attention import CpuAttentionPlan, paged_attention_cpu
+
+    torch.manual_seed(seed)
+    q, k_cache, v_cache, block_tables, query_start_loc, seq_lens = make_batch(
+        CPU_CASES[kind], num_kv_heads=2, group=3, head_dim=32, block_size=16, dtype=dtype)
+    # Slots no sequence owns hold stale (finite) values, as in the engine, whose CPU cache
+    # starts zeroed and is written through store_kv_cpu.
+    for cache in (k_cache, v_cache):
+        stale = cache.isnan()
+        cache[stale] = (torch.randn(int(stale.sum())) * 50).to(dtype)
+    plan = CpuAttentionPlan.build(block_tables, query_start_loc, seq_lens, 16)
+    scale = 1 / math.sqrt(32)
+    for window in (sliding_window, None, sliding_window):  # masks cached per window
+        want = paged_attention_ref(q, k_cache, v_cache, block_tables, query_start_loc,
+                                   seq_lens, scale, sliding_window=window)
+        got = paged_attention_cpu(q, k_cache, v_cache, plan, scale, sliding_window=window)
+        assert not got.isnan().any()
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_the_cpu_store_keeps_the_cache_finite():
+    from brim.kernels.cpu_attention import store_kv_cpu
+
+    k_cache = torch.zeros(4, 16, 2, 8)
+    v_cache = torch.zeros(4, 16, 2, 8)
+    key = torch.randn(3, 2, 8)
+    value = torch.randn(3, 2, 8)
+    key[0, 0, 0], value[1, 1, 1], value[2, 0, 3] = float("nan"), float("inf"), -float("inf")
+    slots = torch.tensor([5, 17, 63])
+    store_kv_cpu(key, value, k_cache, v_cache, slots)
+    assert k_cache.isfinite().all() and v_cache.isfinite().all()
+    flat_k, flat_v = k_cache.view(-1, 2, 8), v_cache.view(-1, 2, 8)
+    assert flat_k[5, 0, 0] == 0 and flat_v[17, 1, 1] == 0 and flat_v[63, 0, 3] == 0
+    assert torch.equal(flat_k[17], key[1]) and torch.equal(flat_v[5], value[0])

@@ -1,0 +1,173 @@
+"""Paged attention on CPU, with the per-step bookkeeping done once per step, not per layer.
+
+The computation is the torch reference's (`reference.py`: decodes batched by similar context
+length over a padded gather, SDPA; prefills one sequence at a time), and the results are
+equal element for element. What moves out of the per-layer path is everything that depends
+only on the step's block tables and lengths — the grouping, the flat block ids to gather,
+the masks — which `CpuAttentionPlan.build` computes once and every layer reuses (30 layers:
+30x less Python per step).
+
+One thing differs from the reference's contract: the reference zeroes the gathered padding
+because a stale slot may hold anything, and 0 x NaN would poison the sum even where the mask
+gives a weight of 0. Here the cache is kept finite instead — `store_kv_cpu` writes
+non-finite values as 0, and the engine's caches start zeroed — so masked slots contribute
+exactly 0 without touching them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from brim.kernels.reference import _similar_lengths
+
+
+@dataclass(slots=True)
+class DecodeGroup:
+    """Decoding sequences of similar length, attended together over a padded gather.
+
+    tokens: [D] rows of q (one query per sequence).
+    block_ids: [D * blocks] physical blocks to gather, row-major.
+    lengths: [D] context lengths (the padded gather holds max(lengths) tokens per row).
+    """
+
+    tokens: torch.Tensor
+    block_ids: torch.Tensor
+    num_blocks: int
+    lengths: torch.Tensor
+    max_length: int
+    masks: dict = field(default_factory=dict)  # sliding window (None: global) -> mask
+
+
+@dataclass(slots=True)
+class Prefill:
+    """One sequence with several queries: positions seq_len - (end - start) .. seq_len - 1."""
+
+    start: int
+    end: int
+    block_ids: torch.Tensor
+    seq_len: int
+    masks: dict = field(default_factory=dict)  # sliding window -> (mask or None, is_causal)
+
+
+@dataclass(slots=True)
+class CpuAttentionPlan:
+    """Where each of a step's sequences reads its context, for every layer of the step."""
+
+    block_size: int
+    decode_groups: list[DecodeGroup]
+    prefills: list[Prefill]
+
+    @classmethod
+    def build(cls, block_tables: torch.Tensor, query_start_loc: torch.Tensor,
+              seq_lens: torch.Tensor, block_size: int) -> "CpuAttentionPlan":
+        """block_tables [num_seqs, max_blocks] int32, query_start_loc [num_seqs + 1],
+        seq_lens [num_seqs] (context length including this step's queries)."""
+        starts = query_start_loc.tolist()
+        lens = seq_lens.tolist()
+        query_lens = [starts[i + 1] - starts[i] for i in range(len(lens))]
+        tables = block_tables.long()
+        decode = sorted((i for i, n in enumerate(query_lens) if n == 1), key=lambda i: lens[i])
+        groups = []
+        for group in _similar_lengths(decode, lens):
+            idx = torch.tensor(group)
+            lengths = seq_lens[idx].long()
+            max_length = max(lens[i] for i in group)
+            num_blocks = -(-max_length // block_size)
+            groups.append(DecodeGroup(
+                tokens=query_start_loc[:-1].long()[idx],
+                block_ids=tables[idx, :num_blocks].reshape(-1), num_blocks=num_blocks,
+                lengths=lengths, max_length=max_length))
+        prefills = [Prefill(start=starts[i], end=starts[i + 1],
+                            block_ids=tables[i, :-(-lens[i] // block_size)], seq_len=lens[i])
+                    for i, n in enumerate(query_lens) if n > 1]
+        return cls(block_size, groups, prefills)
+
+
+def _gather(cache: torch.Tensor, block_ids: torch.Tensor, rows: int,
+            num_blocks: int) -> torch.Tensor:
+    """[rows, num_blocks * block_size, kvh, d] float32, contiguous, from the flat block ids."""
+    blocks = cache.index_select(0, block_ids).view(rows, num_blocks * cache.shape[1],
+                                                   *cache.shape[2:])
+    return blocks.float()
+
+
+def _decode_mask(group: DecodeGroup, window: int | None) -> torch.Tensor:
+    """[D, 1, 1, L]: which of the gathered positions each sequence's query sees."""
+    mask = group.masks.get(window)
+    if mask is None:
+        ctx = group.lengths
+        pos = torch.arange(group.max_length)
+        allowed = pos[None, :] < ctx[:, None]  # [D, L]
+        if window is not None:
+            allowed &= pos[None, :] > ctx[:, None] - 1 - window
+        mask = group.masks[window] = allowed[:, None, None, :]
+    return mask
+
+
+def _prefill_mask(p: Prefill, window: int | None, q_len: int):
+    masks = p.masks.get(window)
+    if masks is None:
+        if q_len == p.seq_len and window is None:
+            masks = (None, True)
+        else:
+            q_pos = torch.arange(p.seq_len - q_len, p.seq_len)[:, None]
+            k_pos = torch.arange(p.seq_len)[None, :]
+            mask = k_pos <= q_pos
+            if window is not None:
+                mask &= k_pos > q_pos - window
+            masks = (mask, False)
+        p.masks[window] = masks
+    return masks
+
+
+def paged_attention_cpu(
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    plan: CpuAttentionPlan,
+    scale: float,
+    *,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """paged_attention_ref's contract, with the step's bookkeeping taken from `plan`, on a
+    cache that holds only finite values (see the module's docstring)."""
+    out = torch.empty(q.shape, dtype=q.dtype)
+    for group in plan.decode_groups:
+        rows, length = len(group.tokens), group.max_length
+        k = _gather(k_cache, group.block_ids, rows, group.num_blocks)[:, :length]
+        v = _gather(v_cache, group.block_ids, rows, group.num_blocks)[:, :length]
+        o = F.scaled_dot_product_attention(
+            q[group.tokens].float()[:, :, None, :],  # [D, h, 1, d]
+            k.transpose(1, 2), v.transpose(1, 2),  # [D, kvh, L, d]
+            attn_mask=_decode_mask(group, sliding_window), scale=scale, enable_gqa=True)
+        out[group.tokens] = o[:, :, 0].to(q.dtype)
+    for p in plan.prefills:
+        q_len = p.end - p.start
+        num_blocks = len(p.block_ids)
+        k = _gather(k_cache, p.block_ids, 1, num_blocks)[0, :p.seq_len].transpose(0, 1)
+        v = _gather(v_cache, p.block_ids, 1, num_blocks)[0, :p.seq_len].transpose(0, 1)
+        mask, is_causal = _prefill_mask(p, sliding_window, q_len)
+        o = F.scaled_dot_product_attention(
+            q[p.start:p.end].float().transpose(0, 1), k, v, attn_mask=mask,
+            is_causal=is_causal, scale=scale, enable_gqa=True)
+        out[p.start:p.end] = o.transpose(0, 1).to(q.dtype)
+    return out
+
+
+def store_kv_cpu(
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [num_tokens]; block_id * block_size + offset
+) -> None:
+    """Write each token's K and V into its slot, non-finite values as 0: the cache stays
+    finite, which is what lets paged_attention_cpu leave masked slots as they are."""
+    slots = slot_mapping.long()
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = torch.nan_to_num(
+        key, nan=0.0, posinf=0.0, neginf=0.0).to(k_cache.dtype)
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = torch.nan_to_num(
+        value, nan=0.0, posinf=0.0, neginf=0.0).to(v_cache.dtype)
