@@ -39,7 +39,7 @@ def profile_memory(config: EngineConfig, model, block_bytes: int) -> MemoryUse:
     lengths = [num_tokens // num_seqs + (i < num_tokens % num_seqs) for i in range(num_seqs)]
     num_blocks = sum(-(-n // block_size) for n in lengths)
     runner = ModelRunner(config, model, num_blocks)
-    out, tables, next_block = SchedulerOutput(), [], 0
+    out, next_block = SchedulerOutput(), 0
     for i, n in enumerate(lengths):
         request = Request(f"profile-{i}", [0] * n, SamplingParams(max_tokens=1), max_tokens=1,
                           eos_token_ids=frozenset())

@@ -148,7 +148,8 @@ class ModelFacts:
         return self.num_layers * layer + norm + embeddings + positions
 
     def num_kv_heads_per_gpu(self, tensor_parallel_size: int) -> int:
-        """KV heads one GPU holds: a share, or one whole (replicated) head when GPUs outnumber them."""
+        """KV heads one GPU holds: a share, or one whole (replicated) head when the GPUs
+        outnumber them."""
         return max(1, self.num_kv_heads // tensor_parallel_size)
 
     def kv_bytes_per_token(self, element_bytes: int, tensor_parallel_size: int = 1) -> int:

@@ -343,6 +343,10 @@ def _plan_one(inputs: _Inputs, tp: int, utilization: float | str) -> Plan:
     on_cpu = request.device == "cpu"
     weights, source = weights_bytes_per_gpu(request.checkpoint, dtype_bytes, tp)
     weights += rope_table_bytes(facts)
+    if on_cpu and facts.tie_word_embeddings:
+        # The CPU runtime packs the output projection for oneDNN (models/cpu_linear.py): a
+        # tied embedding is then held twice.
+        weights += facts.vocab_size * facts.hidden_size * dtype_bytes
     non_torch = CPU_RUNTIME_BYTES if on_cpu else non_torch_bytes(tp)
     activations = activation_bytes(facts, dtype_bytes, num_tokens,
                                    min(request.max_num_seqs, num_tokens), tp,

@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import httpx
 import pytest
 
 from brim.runtime.cli import main
+from tests.serve_process import brim_serve
 
 # The README's curl example, as JSON.
 README_REQUEST = {
@@ -25,49 +20,21 @@ README_REQUEST = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_readme_command_serves_and_the_curl_example_answers(bundled_model_dir, tmp_path):
-    port = free_port()
     log = tmp_path / "serve.log"
-    brim = Path(sys.executable).with_name("brim")
     env = {**os.environ, "BRIM_CACHE_DIR": str(bundled_model_dir.parent.parent)}
-    with open(log, "w") as out:
-        # The README's `brim serve`, on a free loopback port instead of 0.0.0.0:8000.
-        process = subprocess.Popen([str(brim), "serve", "--host", "127.0.0.1", "--port",
-                                    str(port)], stdout=out, stderr=subprocess.STDOUT, env=env)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 180
-        while True:
-            assert process.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "brim serve did not become healthy"
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
+    # The README's `brim serve`, on a free loopback port instead of 0.0.0.0:8000.
+    with brim_serve([], log, env=env) as (url, _):
         response = httpx.post(f"{url}/v1/chat/completions", json=README_REQUEST, timeout=120)
         assert response.status_code == 200, response.text
         assert "Paris" in response.json()["choices"][0]["message"]["content"]
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
     text = log.read_text()
     assert "# GPU blocks: " in text and " tokens" in text
     assert "maximum concurrency at max_model_len" in text
-    assert "memory plan on cpu: weights 0.50 GiB" in text
-    assert f"serving SmolLM2-135M-Instruct at http://127.0.0.1:{port}/v1" in text
+    # 0.50 GiB of float32 weights, plus oneDNN's packed copy of the tied lm_head (0.11 GiB).
+    assert "memory plan on cpu: weights 0.61 GiB" in text
+    assert f"serving SmolLM2-135M-Instruct at {url}/v1" in text
 
 
 def test_tensor_parallel_is_refused_with_a_reason(capsys):

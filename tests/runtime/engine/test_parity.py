@@ -5,7 +5,6 @@ tests/runtime/models/test_llama.py)."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from brim.runtime import LLM, SamplingParams
 from tests.runtime.conftest import hf_greedy

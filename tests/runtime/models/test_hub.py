@@ -7,10 +7,6 @@ import filecmp
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -21,7 +17,7 @@ from brim.runtime.cli import main
 from brim.runtime.models.hub import resolve_model
 from tests.hub_fixtures import fake_hub, tiny_llama, write_tiny_llama  # noqa: F401 (fixtures)
 from tests.runtime.conftest import hf_greedy
-from tests.runtime.cli.test_serve import free_port
+from tests.serve_process import brim_serve, free_port
 
 # What save_pretrained and the tokenizer write for the tiny Llama: all of it is needed.
 TINY_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
@@ -192,35 +188,11 @@ def test_local_folders_are_returned_as_they_are(tmp_path):
 
 def test_brim_serve_serves_a_hub_revision(fake_hub, tiny_llama, tmp_path):
     fake_hub.add_repo("org/tiny", tiny_llama, revision="v1")
-    port = free_port()
-    log = tmp_path / "serve.log"
-    brim = Path(sys.executable).with_name("brim")
-    with open(log, "w") as out:
-        process = subprocess.Popen(
-            [str(brim), "serve", "--model", "hf://org/tiny", "--revision", "v1", "--device",
-             "cpu", "--num-gpu-blocks", "16", "--max-model-len", "128", "--host", "127.0.0.1",
-             "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ))
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "brim serve did not become healthy"
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+    args = ["--model", "hf://org/tiny", "--revision", "v1", "--device", "cpu",
+            "--num-gpu-blocks", "16", "--max-model-len", "128"]
+    with brim_serve(args, tmp_path / "serve.log", env=dict(os.environ), timeout=60) as (url, _):
         response = httpx.post(f"{url}/v1/completions", timeout=30, json={
             "model": "org/tiny", "prompt": "t5 t6 t7", "max_tokens": 4, "temperature": 0})
         assert response.status_code == 200, response.text
         assert response.json()["usage"]["completion_tokens"] >= 1
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
     assert set(fake_hub.bytes_sent("org/tiny")) == TINY_FILES

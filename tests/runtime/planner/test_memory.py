@@ -415,6 +415,8 @@ def test_a_cpu_plan_sizes_the_container_memory():
     assert p.non_torch_bytes == CPU_RUNTIME_BYTES
     activations = max(2048 * (3 * 576 + 4 * 1536) * 4, 2048 * 576 * 4 + 8 * 49152 * 24)
     assert p.activation_bytes == activations  # no cuBLAS workspace
+    # float32 parameters, the RoPE table, and the packed copy of the tied output projection.
+    assert p.weights_bytes == (134_515_008 + 8192 * 2 * 64 + 49152 * 576) * 4
     assert p.fits and p.num_gpu_blocks == (int(2 * GiB * 0.9) - p.non_kv_bytes) // (46080 * 16)
     assert "on CPU" in p.messages[-1]
     with pytest.raises(ValueError, match="tensor_parallel_size must be 1 on CPU"):

@@ -10,16 +10,14 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
 from brim.runtime.cli import main
 from tests.runtime.server.conftest import MODEL, serve
+from tests.serve_process import brim_serve
 
 
 async def stream(client: httpx.AsyncClient, max_tokens: int, started: asyncio.Queue) -> dict:
@@ -122,31 +120,12 @@ def test_a_taken_port_is_reported_before_the_model_loads(monkeypatch, capsys):
 def test_sigterm_during_8_streams(bundled_model_dir, tmp_path):
     """The real `brim serve`: 4 streams finish within the drain, 4 are ended by it; every
     one ends with [DONE]; exit 0 within the timeout; nothing logged at ERROR."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     log = tmp_path / "serve.log"
-    brim = Path(sys.executable).with_name("brim")
     env = {**os.environ, "BRIM_CACHE_DIR": str(bundled_model_dir.parent.parent)}
     drain = 4.0
-    with open(log, "w") as out:
-        process = subprocess.Popen(
-            [str(brim), "serve", "--host", "127.0.0.1", "--port", str(port), "--max-model-len",
-             "1024", "--num-gpu-blocks", "256", "--shutdown-timeout", str(drain)],
-            stdout=out, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert process.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "brim serve did not become healthy"
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-
+    args = ["--max-model-len", "1024", "--num-gpu-blocks", "256", "--shutdown-timeout",
+            str(drain)]
+    with brim_serve(args, log, env=env) as (url, process):
         async def main():
             async with httpx.AsyncClient(base_url=url, timeout=60) as client:
                 started: asyncio.Queue = asyncio.Queue()
@@ -161,10 +140,6 @@ def test_sigterm_during_8_streams(bundled_model_dir, tmp_path):
         results, signalled = asyncio.run(main())
         rc = process.wait(timeout=drain + 15)
         exited = time.monotonic() - signalled
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=10)
     text = log.read_text()
     check_endings(results, 4, 24)
     assert rc == 0, text
