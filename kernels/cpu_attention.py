@@ -86,6 +86,13 @@ class CpuAttentionPlan:
         return cls(block_size, groups, prefills)
 
 
+def _gather_raw(cache: torch.Tensor, block_ids: torch.Tensor, rows: int,
+                num_blocks: int) -> torch.Tensor:
+    """[rows, num_blocks * block_size, kvh, d] in the cache's dtype, from the flat block ids."""
+    return cache.index_select(0, block_ids).view(rows, num_blocks * cache.shape[1],
+                                                 *cache.shape[2:])
+
+
 def _gather(cache: torch.Tensor, block_ids: torch.Tensor, rows: int,
             num_blocks: int) -> torch.Tensor:
     """[rows, num_blocks * block_size, kvh, d] float32, contiguous, from the flat block ids."""
@@ -135,15 +142,28 @@ def paged_attention_cpu(
     """paged_attention_ref's contract, with the step's bookkeeping taken from `plan`, on a
     cache that holds only finite values (see the module's docstring)."""
     out = torch.empty(q.shape, dtype=q.dtype)
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     for group in plan.decode_groups:
         rows, length = len(group.tokens), group.max_length
-        k = _gather(k_cache, group.block_ids, rows, group.num_blocks)[:, :length]
-        v = _gather(v_cache, group.block_ids, rows, group.num_blocks)[:, :length]
-        o = F.scaled_dot_product_attention(
-            q[group.tokens].float()[:, :, None, :],  # [D, h, 1, d]
-            k.transpose(1, 2), v.transpose(1, 2),  # [D, kvh, L, d]
-            attn_mask=_decode_mask(group, sliding_window), scale=scale, enable_gqa=True)
-        out[group.tokens] = o[:, :, 0].to(q.dtype)
+        mask = _decode_mask(group, sliding_window)
+        if q.dtype == torch.float32:
+            k = _gather(k_cache, group.block_ids, rows, group.num_blocks)[:, :length]
+            v = _gather(v_cache, group.block_ids, rows, group.num_blocks)[:, :length]
+            o = F.scaled_dot_product_attention(
+                q[group.tokens][:, :, None, :],  # [D, h, 1, d]
+                k.transpose(1, 2), v.transpose(1, 2),  # [D, kvh, L, d]
+                attn_mask=mask, scale=scale, enable_gqa=True)[:, :, 0]
+        else:
+            # 16-bit: no float32 copies; SDPA accumulates in float32 itself. The GQA group
+            # becomes the query rows of its KV head ([D, kvh, group, d]), so K and V are not
+            # repeated per query head (enable_gqa's path is 4-5x slower here in bfloat16).
+            k = _gather_raw(k_cache, group.block_ids, rows, group.num_blocks)[:, :length]
+            v = _gather_raw(v_cache, group.block_ids, rows, group.num_blocks)[:, :length]
+            o = F.scaled_dot_product_attention(
+                q[group.tokens].view(rows, num_kv_heads, -1, head_dim),
+                k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale)
+            o = o.reshape(rows, -1, head_dim)
+        out[group.tokens] = o.to(q.dtype)
     for p in plan.prefills:
         q_len = p.end - p.start
         num_blocks = len(p.block_ids)

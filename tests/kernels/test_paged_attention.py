@@ -220,7 +220,10 @@ def test_cpu_plan_equals_the_reference(seed, kind, dtype, sliding_window):
                                    seq_lens, scale, sliding_window=window)
         got = paged_attention_cpu(q, k_cache, v_cache, plan, scale, sliding_window=window)
         assert not got.isnan().any()
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        # float32: the same operations, bit for bit. 16-bit: decodes stay in 16 bits with the
+        # GQA group as query rows (SDPA accumulates in float32), within the dtype's tolerance.
+        exact = 0 if dtype == torch.float32 else TOLERANCE[dtype]
+        torch.testing.assert_close(got, want, rtol=exact, atol=exact)
 
 
 def test_the_cpu_store_keeps_the_cache_finite():
