@@ -236,6 +236,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from brim.runtime.models.hub import served_model_name
     from brim.runtime.server.app import build_app
+    from brim.runtime.server.async_engine import EngineThread
 
     from brim.runtime.engine.errors import KVCacheTooSmallError
 
@@ -246,8 +247,10 @@ def run_serve(args: argparse.Namespace) -> int:
               "Is another server running there? Stop it, or choose another --port.",
               file=sys.stderr)
         return 2
+    # Built on the thread that will step it: one OpenMP team in the process (async_engine).
+    engine_thread = EngineThread()
     try:
-        engine = create_engine(args)
+        engine = engine_thread.call(create_engine, args)
         names = args.served_model_name or [served_model_name(args.model or "",
                                                              engine.model_path)]
         settings = ServerSettings(served_model_names=names, api_key=args.api_key or None,
@@ -257,7 +260,7 @@ def run_serve(args: argparse.Namespace) -> int:
                                   trust_request_chat_template=args.trust_request_chat_template,
                                   chat_template_timeout=args.chat_template_timeout,
                                   shutdown_timeout=args.shutdown_timeout)
-        app = build_app(engine, settings)
+        app = build_app(engine, settings, engine_thread=engine_thread)
     except KVCacheTooSmallError as exc:
         sock.close()
         print(f"brim serve: {exc}", file=sys.stderr)

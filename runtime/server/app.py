@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from brim.runtime.server import protocol as p
 from brim.runtime.server import serving
-from brim.runtime.server.async_engine import AsyncEngine
+from brim.runtime.server.async_engine import AsyncEngine, EngineThread
 from brim.runtime.server.errors import APIError, invalid_param
 from brim.runtime.server.metrics import ServerMetrics
 from brim.runtime.server.prompts import PromptEncoder, chat_prompt, completion_prompts
@@ -36,10 +36,11 @@ OPEN_PATHS = frozenset({"/health", "/metrics", "/memory"})
 class ServerState:
     """What the handlers share: the engine loop, a tokenizer of their own, the limits."""
 
-    def __init__(self, engine, settings: ServerSettings, tokenizer=None) -> None:
+    def __init__(self, engine, settings: ServerSettings, tokenizer=None,
+                 engine_thread: EngineThread | None = None) -> None:
         self.settings = settings
         self.model_name = settings.served_model_names[0]
-        self.engine = AsyncEngine(engine)
+        self.engine = AsyncEngine(engine, thread=engine_thread)
         self.limits = self.engine.limits
         self.max_model_len = self.limits.max_model_len
         self.model_path = str(self.engine.model_path)
@@ -84,8 +85,10 @@ def check_body_size(num_bytes: int, limit: int) -> None:
         raise serving.body_too_large(limit, num_bytes)
 
 
-def build_app(engine, settings: ServerSettings, *, tokenizer=None) -> FastAPI:
-    state = ServerState(engine, settings, tokenizer)
+def build_app(engine, settings: ServerSettings, *, tokenizer=None,
+              engine_thread: EngineThread | None = None) -> FastAPI:
+    """engine_thread: the thread `engine` was built on, to step it on (async_engine)."""
+    state = ServerState(engine, settings, tokenizer, engine_thread)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -2,9 +2,17 @@
 
 The engine is single-threaded and not thread-safe, so exactly one place touches it: the
 loop task. Each turn it applies the aborts and adds handlers have queued, then runs
-`engine.step()` in a worker thread (the event loop keeps serving while the forward pass
+`engine.step()` on the engine thread (the event loop keeps serving while the forward pass
 runs) and hands each request's cumulative output to its stream. Handlers never call the
 engine; they call `add()` and iterate the `RequestStream` it returns.
+
+The engine thread (`EngineThread`) is one thread for the engine's whole life: `brim serve`
+builds the engine on it too. On CPU this is worth a third of the step time: torch's OpenMP
+(libgomp) keeps a team of worker threads per thread that runs parallel ops, and once the
+process holds more such threads than cores it stops spinning between ops and sleeps on a
+futex instead, waking ~20 times per layer. Built in the main thread and stepped in
+`asyncio.to_thread`'s pool (two teams on two cores), a SmolLM2 decode step took ~30 ms
+against ~20 ms offline (docs/benchmarks.md).
 
     handler --add()--> pending adds --+
     handler --abort()--> pending aborts --+--> [loop: apply, step in thread, dispatch] --> streams
@@ -15,8 +23,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-
 from pathlib import Path
 
 from brim.runtime.engine.admission import Limits, admit_all
@@ -29,6 +37,24 @@ logger = logging.getLogger(__name__)
 
 class EngineStepError(RuntimeError):
     """The engine failed during a step; the requests in flight were aborted."""
+
+
+class EngineThread:
+    """The one thread that builds and steps the engine (why one: the module docstring)."""
+
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="brim-engine")
+
+    def call(self, fn, *args):
+        """fn(*args) on the engine thread, blocking the caller (start-up)."""
+        return self._executor.submit(fn, *args).result()
+
+    async def run(self, fn, *args):
+        """fn(*args) on the engine thread, awaited."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 @dataclass(slots=True)
@@ -100,15 +126,17 @@ class AsyncEngine:
         has_unfinished_requests, get_stats, and the attributes limits, memory_report,
         model_path).
     metrics: a ServerMetrics updated after every step, or None.
+    thread: the EngineThread the engine was built on (a new one if None).
 
     limits: what every request is checked against (admission.Limits).
     memory_report: how the engine sized its KV cache (planner.report.MemoryReport).
     model_path: the checkpoint folder (the server loads its own tokenizer from it).
     """
 
-    def __init__(self, engine, metrics=None) -> None:
+    def __init__(self, engine, metrics=None, thread: EngineThread | None = None) -> None:
         self.engine = engine
         self.metrics = metrics
+        self.thread = thread or EngineThread()
         self.limits: Limits = engine.limits
         self.memory_report: MemoryReport = engine.memory_report
         self.model_path: Path = Path(engine.model_path)
@@ -231,7 +259,7 @@ class AsyncEngine:
                 continue
             step_start = time.monotonic()
             try:
-                outputs = await asyncio.to_thread(engine.step)
+                outputs = await self.thread.run(engine.step)
             except Exception as exc:  # one bad step must not take the server down
                 logger.exception("engine step failed; aborting the %d requests in flight",
                                  len(self._streams))

@@ -1,0 +1,384 @@
+"""Online serving against a peer: `brim serve` against vLLM's OpenAI server, same load tool.
+
+Each server runs alone (one after the other, in each round), on the bundled
+SmolLM2-135M-Instruct, float32 by default, both given 2 cores and the same max_num_seqs, prefix
+caching on. The load comes from a tool neither project wrote: guidellm (in a venv of its
+own under the cache folder, made on first use), synthetic prompts of --prompt-tokens tokens
+asking for --output-tokens tokens on /v1/completions, streamed, one phase per concurrency
+level (--concurrency, default 1 8 32 128), each --duration seconds after guidellm's own
+warm-up. Every phase gets a fresh seed, so no phase reuses another's prompts through the
+prefix cache.
+
+Around each phase the bench records CPU seconds: the server's process tree, guidellm's, and
+everyone else's (the machine's busy time minus both): a phase whose outside load exceeds
+--max-outside-load cores is marked discarded and left out of the ratios.
+
+The serving-path overhead: brim's offline engine runs the same shape (one request, a
+--prompt-tokens prompt, --output-tokens tokens, greedy) in its own process; its time per
+output token against the server's inter-token latency p50 at concurrency 1 is what the HTTP
+path adds.
+
+    .venv/bin/python bench/serving.py [--rounds 2] [--concurrency 1 8 32 128] [--engines brim vllm]
+
+Prints a table and writes bench/results/serving-<UTC time>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+_BENCH = str(Path(__file__).resolve().parent)
+if _BENCH not in sys.path:
+    sys.path.append(_BENCH)  # appended, never prepended
+import _peer_common as common  # noqa: E402
+
+GUIDELLM_VERSION = "0.8.1"
+SERVED_NAME = "SmolLM2-135M-Instruct"
+ENGINES = ("brim", "vllm")
+
+
+# -- guidellm -----------------------------------------------------------------------------
+
+def default_guidellm_venv() -> Path:
+    return common.default_vllm_venv().parent / f"guidellm-{GUIDELLM_VERSION}"
+
+
+def ensure_guidellm(venv: Path, log=sys.stderr) -> Path:
+    """guidellm's command in its venv, installed on first use (torch pinned to the local CPU
+    wheel, which guidellm's data loader imports; a looser pin downloads a CUDA build)."""
+    exe = venv / "bin" / "guidellm"
+    if exe.is_file():
+        return exe
+    print(f"creating the guidellm venv at {venv} (once)", file=log)
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    base = getattr(sys, "_base_executable", sys.executable)
+    subprocess.run([base, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet",
+                    "--disable-pip-version-check", f"guidellm=={GUIDELLM_VERSION}",
+                    common.TORCH_SPEC], check=True)
+    return exe
+
+
+def guidellm_phase(exe: Path, port: int, model_dir: Path, concurrency: int, seed: int,
+                   args, out_json: Path) -> subprocess.CompletedProcess:
+    cmd = [str(exe), "run",
+           "--backend", f"kind=openai_http,target=http://127.0.0.1:{port},"
+                        f"request_format=/v1/completions,model={SERVED_NAME}",
+           "--profile", f"kind=concurrent,streams={concurrency}",
+           "--data", f"kind=synthetic_text,prompt_tokens={args.prompt_tokens},"
+                     f"output_tokens={args.output_tokens}",
+           "--constraint", f"kind=max_duration,seconds={args.duration}",
+           "--tokenizer", f"kind=huggingface_auto,model={model_dir}",
+           "--seed", f"kind=static,value={seed}",
+           "--output", f"kind=json,path={out_json}",
+           "--disable-console"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=out_json.parent,
+                          timeout=args.duration * 4 + 300)
+
+
+def read_guidellm(path: Path) -> dict:
+    """The figures a phase reports, from guidellm's JSON (successful requests)."""
+    bench = json.loads(path.read_text())["benchmarks"][0]
+    m = bench["metrics"]
+
+    def dist(name):
+        d = m[name]["successful"]
+        pct = d.get("percentiles") or {}
+        return {"mean": d.get("mean"), "p50": d.get("median"), "p90": pct.get("p90"),
+                "p99": pct.get("p99")}
+
+    totals = m["request_totals"]
+    return {
+        "output_tok_s": m["output_tokens_per_second"]["successful"]["mean"],
+        "requests": {k: totals.get(k) for k in ("successful", "errored", "incomplete")},
+        "ttft_ms": dist("time_to_first_token_ms"),
+        "itl_ms": dist("inter_token_latency_ms"),
+        "tpot_ms": dist("time_per_output_token_ms"),
+        "output_tokens_per_request": m["output_token_count"]["successful"].get("median"),
+    }
+
+
+# -- servers ------------------------------------------------------------------------------
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_command(engine: str, args, port: int, model_dir: Path, vllm_python: Path | None):
+    common_flags = ["--port", str(port), "--host", "127.0.0.1", "--dtype", args.dtype,
+                    "--max-num-seqs", str(args.max_num_seqs),
+                    "--served-model-name", SERVED_NAME, "--enable-prefix-caching"]
+    if engine == "brim":
+        brim = Path(sys.executable).parent / "brim"
+        return [str(brim), "serve", "--model", str(model_dir), *common_flags], {}
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(args.vllm_kv_cache_gib),
+           "VLLM_CPU_OMP_THREADS_BIND": f"0-{args.threads - 1}" if args.threads > 1 else "0",
+           "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"}
+    preload = common.vllm_preload(args.vllm_venv)
+    if preload:
+        env["LD_PRELOAD"] = ":".join(preload)
+    return [str(vllm_python), "-m", "vllm.entrypoints.openai.api_server",
+            "--model", str(model_dir), *common_flags], env
+
+
+def wait_healthy(port: int, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode} while starting")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"the server did not answer /health within {timeout:.0f} s")
+
+
+def warm_up(port: int, vocab_size: int) -> None:
+    """A few requests outside any phase's prompts (compiles, caches, first-request costs)."""
+    rng = random.Random(12345)
+    for n in (32, 200, 256):
+        body = json.dumps({"model": SERVED_NAME, "prompt": [rng.randrange(100, vocab_size)
+                                                           for _ in range(n)],
+                           "max_tokens": 16, "temperature": 0}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
+                                     {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=300) as r:
+            r.read()
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def tree_cpu(pid: int) -> float:
+    table = common._processes()
+    return sum(table[p][2] for p in common._tree(table, pid) if p in table)
+
+
+def run_server(engine: str, args, model_dir: Path, exe: Path, workdir: Path, round_: int,
+               vllm_python: Path | None) -> dict:
+    port = free_port()
+    cmd, env = server_command(engine, args, port, model_dir, vllm_python)
+    log_path = workdir / f"{engine}-round{round_}.log"
+    with open(log_path, "w") as log:
+        # Started from the work folder (outside the repository: its operator/ would shadow the
+        # standard library for vLLM), in a process group of its own so stop() gets them all.
+        proc = subprocess.Popen(cmd, cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, **env}, start_new_session=True)
+    phases = []
+    try:
+        wait_healthy(port, proc, args.start_timeout)
+        warm_up(port, args.vocab_size)
+        for concurrency in args.concurrency:
+            seed = random.SystemRandom().randrange(1, 2**31)
+            common.wait_for_quiet(args.max_outside_load, args.wait_for_quiet)
+            out_json = workdir / f"{engine}-r{round_}-c{concurrency}.json"
+            server_start = tree_cpu(proc.pid)
+            busy_start, _ = common._system_cpu_seconds()
+            children_start = sum(os.times()[2:4])
+            self_start = sum(os.times()[:2])
+            wall_start = time.perf_counter()
+            done = guidellm_phase(exe, port, model_dir, concurrency, seed, args, out_json)
+            wall = time.perf_counter() - wall_start
+            busy = common._system_cpu_seconds()[0] - busy_start
+            server_cpu = tree_cpu(proc.pid) - server_start
+            tool_cpu = sum(os.times()[2:4]) - children_start
+            own_cpu = sum(os.times()[:2]) - self_start
+            outside = max(busy - server_cpu - tool_cpu - own_cpu, 0.0)
+            if done.returncode != 0 or not out_json.is_file():
+                raise RuntimeError(f"guidellm failed (exit {done.returncode}):\n"
+                                   f"{done.stderr[-3000:]}")
+            figures = read_guidellm(out_json)
+            discarded = outside / wall > args.max_outside_load
+            errors = figures["requests"].get("errored") or 0
+            phase = {"concurrency": concurrency, "seed": seed, "wall_s": round(wall, 1),
+                     "server_cpu_s": round(server_cpu, 1), "guidellm_cpu_s": round(tool_cpu, 1),
+                     "outside_cores": round(outside / wall, 3), "discarded": discarded,
+                     **figures}
+            phases.append(phase)
+            print(f"[{engine} r{round_}] c={concurrency}: {figures['output_tok_s']:.1f} out tok/s, "
+                  f"TTFT p50 {figures['ttft_ms']['p50']:.0f} ms, ITL p50 "
+                  f"{figures['itl_ms']['p50']:.1f} ms, server CPU {server_cpu:.0f} s / "
+                  f"{wall:.0f} s, outside {outside / wall:.2f} cores"
+                  + (", DISCARDED" if discarded else "") + (f", {errors} errors" if errors else ""),
+                  flush=True)
+    finally:
+        stop(proc)
+    return {"engine": engine, "round": round_, "log": str(log_path), "phases": phases}
+
+
+# -- the offline reference ----------------------------------------------------------------
+
+def offline_worker(spec: dict) -> None:
+    """brim's engine, in process, on the concurrency-1 shape: time per output token."""
+    import torch
+
+    from brim.runtime.engine.engine import Engine
+    from brim.runtime.config import EngineConfig
+    from brim.runtime.sampling_params import SamplingParams
+
+    torch.set_num_threads(spec["threads"])
+    engine = Engine(EngineConfig.create(spec["model"], dtype=spec["dtype"],
+                                        max_num_seqs=spec["max_num_seqs"]))
+    rng = random.Random(99)
+    ttfts, per_token = [], []
+    for i in range(spec["repeats"] + 1):
+        prompt = [rng.randrange(100, spec["vocab_size"]) for _ in range(spec["prompt_tokens"])]
+        engine.add_request(str(i), prompt, SamplingParams(max_tokens=spec["output_tokens"],
+                                                          temperature=0, ignore_eos=True))
+        stamps, start = [], time.perf_counter()
+        while engine.has_unfinished_requests():
+            engine.step()
+            stamps.append(time.perf_counter())
+        if i == 0:
+            continue  # warm-up
+        ttfts.append((stamps[0] - start) * 1000)
+        per_token.extend((b - a) * 1000 for a, b in zip(stamps, stamps[1:]))
+    common.write_result(spec, {"ttft_ms_p50": statistics.median(ttfts),
+                               "per_token_ms_p50": statistics.median(per_token),
+                               "per_token_ms_mean": statistics.fmean(per_token)})
+
+
+# -- main -------------------------------------------------------------------------------------
+
+def summarize(results: list[dict], concurrency: list[int]) -> dict:
+    """Per engine and level: the median over kept rounds of each figure."""
+    table = {}
+    for engine in ENGINES:
+        for c in concurrency:
+            kept = [ph for r in results if r["engine"] == engine for ph in r["phases"]
+                    if ph["concurrency"] == c and not ph["discarded"]]
+            if not kept:
+                continue
+            table[f"{engine}@{c}"] = {
+                "rounds": len(kept),
+                "output_tok_s": statistics.median(ph["output_tok_s"] for ph in kept),
+                "ttft_p50_ms": statistics.median(ph["ttft_ms"]["p50"] for ph in kept),
+                "itl_p50_ms": statistics.median(ph["itl_ms"]["p50"] for ph in kept),
+                "itl_p90_ms": statistics.median(ph["itl_ms"]["p90"] or 0 for ph in kept),
+                "server_cpu_s": statistics.median(ph["server_cpu_s"] for ph in kept),
+                "wall_s": statistics.median(ph["wall_s"] for ph in kept),
+            }
+    return table
+
+
+def main() -> int:
+    from brim.runtime.models.bundled import bundled_model_path
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
+    parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32, 128])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--duration", type=int, default=40, help="seconds per phase")
+    parser.add_argument("--prompt-tokens", type=int, default=256)
+    parser.add_argument("--output-tokens", type=int, default=128)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--max-num-seqs", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-outside-load", type=float, default=0.15,
+                        help="cores other processes may use during a phase")
+    parser.add_argument("--wait-for-quiet", type=float, default=30)
+    parser.add_argument("--start-timeout", type=float, default=600)
+    parser.add_argument("--vllm-kv-cache-gib", type=int, default=4)
+    parser.add_argument("--vllm-venv", type=Path, default=common.default_vllm_venv())
+    parser.add_argument("--guidellm-venv", type=Path, default=default_guidellm_venv())
+    parser.add_argument("--no-offline", action="store_true",
+                        help="skip the offline per-token reference")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        offline_worker(common.read_spec(sys.argv))
+        return 0
+
+    model_dir = bundled_model_path()
+    args.vocab_size = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    exe = ensure_guidellm(args.guidellm_venv)
+    vllm_python = common.ensure_vllm_venv(args.vllm_venv) if "vllm" in args.engines else None
+    workdir = Path(tempfile.mkdtemp(prefix="brim-serving-"))
+    print(f"work folder (server logs, guidellm reports): {workdir}", flush=True)
+
+    offline = None
+    if not args.no_offline and "brim" in args.engines:
+        spec = {"engine": "brim-offline", "model": str(model_dir), "dtype": args.dtype,
+                "max_num_seqs": args.max_num_seqs, "threads": args.threads, "repeats": 3,
+                "prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens,
+                "vocab_size": args.vocab_size}
+        offline = common.spawn_worker(sys.executable, Path(__file__).resolve(), spec, workdir)
+        print(f"[brim offline] TTFT p50 {offline['ttft_ms_p50']:.0f} ms, per output token p50 "
+              f"{offline['per_token_ms_p50']:.1f} ms", flush=True)
+
+    results = []
+    for round_ in range(args.rounds):
+        for engine in args.engines:
+            results.append(run_server(engine, args, model_dir, exe, workdir, round_,
+                                      vllm_python))
+    table = summarize(results, args.concurrency)
+    ratios = {}
+    for c in args.concurrency:
+        b, v = table.get(f"brim@{c}"), table.get(f"vllm@{c}")
+        if b and v:
+            ratios[c] = {"output_tok_s": b["output_tok_s"] / v["output_tok_s"],
+                         "itl_p50": b["itl_p50_ms"] / v["itl_p50_ms"],
+                         "ttft_p50": b["ttft_p50_ms"] / v["ttft_p50_ms"]}
+    overhead = None
+    if offline and f"brim@{args.concurrency[0]}" in table and args.concurrency[0] == 1:
+        server_itl = table["brim@1"]["itl_p50_ms"]
+        overhead = {"server_itl_p50_ms": server_itl,
+                    "offline_per_token_p50_ms": offline["per_token_ms_p50"],
+                    "overhead_fraction": server_itl / offline["per_token_ms_p50"] - 1}
+
+    print(f"\n{'level':>6} {'engine':>6} {'out tok/s':>10} {'TTFT p50':>9} {'ITL p50':>8} "
+          f"{'ITL p90':>8} {'srv CPU/wall':>12}")
+    for key, row in table.items():
+        engine, c = key.split("@")
+        print(f"{c:>6} {engine:>6} {row['output_tok_s']:>10.1f} {row['ttft_p50_ms']:>7.0f}ms "
+              f"{row['itl_p50_ms']:>6.1f}ms {row['itl_p90_ms']:>6.1f}ms "
+              f"{row['server_cpu_s'] / row['wall_s']:>12.2f}")
+    for c, r in ratios.items():
+        print(f"c={c}: brim/vLLM output tok/s {r['output_tok_s']:.2f}x, ITL p50 "
+              f"{r['itl_p50']:.2f}x, TTFT p50 {r['ttft_p50']:.2f}x")
+    if overhead:
+        print(f"serving overhead at c=1: ITL p50 {overhead['server_itl_p50_ms']:.1f} ms vs "
+              f"offline {overhead['offline_per_token_p50_ms']:.1f} ms per token: "
+              f"{overhead['overhead_fraction'] * 100:+.1f}%")
+    record = {"utc": common.utc_stamp(), "commit": common.git_commit(),
+              "machine": common.machine_info(), "args": {k: str(v) for k, v in vars(args).items()},
+              "versions": {"brim": common.venv_versions(Path(sys.executable)),
+                           **({"vllm": common.venv_versions(vllm_python)} if vllm_python else {}),
+                           "guidellm": GUIDELLM_VERSION},
+              "offline": offline, "results": results, "summary": table,
+              "ratios": {str(c): r for c, r in ratios.items()}, "overhead": overhead}
+    path = common.write_results("serving", record)
+    print(f"wrote {path}")
+    shutil.rmtree(workdir, ignore_errors=True) if not os.environ.get("BRIM_KEEP_WORK") else None
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""The engine is built and stepped on one thread for its whole life (async_engine.EngineThread).
+
+Why it matters: torch's OpenMP runtime keeps a team of worker threads per thread that runs
+parallel ops; with two such threads on a 2-core machine it stops spinning between ops and a
+decode step got ~50% slower (docs/benchmarks.md). `asyncio.to_thread` moves the step
+between pool threads, and `brim serve` used to build the engine on the main thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from brim.runtime.sampling_params import SamplingParams
+from brim.runtime.server.async_engine import AsyncEngine, EngineThread
+
+
+class ThreadRecorder:
+    """Wraps a FakeEngine: records the thread of every engine call that can run torch."""
+
+    def __init__(self, engine) -> None:
+        self._engine = engine
+        self.step_threads: list[int] = []
+
+    def step(self):
+        self.step_threads.append(threading.get_ident())
+        return self._engine.step()
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+
+def test_steps_run_on_the_thread_that_built_the_engine(fake_engine):
+    thread = EngineThread()
+    built_on = thread.call(threading.get_ident)
+    recorder = ThreadRecorder(fake_engine)
+
+    async def main():
+        engine = AsyncEngine(recorder, thread=thread)
+        engine.start()
+        try:
+            # Several requests, one after the other and side by side: many steps, with
+            # idle gaps between them (where a pool could hand the next step to a new thread).
+            for round_ in range(3):
+                streams = [await engine.add(f"r{round_}-{i}", [1, 2, 3],
+                                            SamplingParams(max_tokens=4, ignore_eos=True))
+                           for i in range(round_ + 1)]
+                for stream in streams:
+                    async for _ in stream:
+                        pass
+                await asyncio.sleep(0.05)
+        finally:
+            await engine.stop()
+
+    asyncio.run(main())
+    assert len(recorder.step_threads) >= 12
+    assert set(recorder.step_threads) == {built_on}
+    assert built_on != threading.get_ident()  # not the event loop's thread either
+
+
+def test_an_async_engine_without_a_thread_still_steps_on_one(fake_engine):
+    recorder = ThreadRecorder(fake_engine)
+
+    async def main():
+        engine = AsyncEngine(recorder)
+        engine.start()
+        try:
+            for i in range(4):
+                stream = await engine.add(f"r{i}", [1, 2], SamplingParams(max_tokens=3))
+                async for _ in stream:
+                    pass
+                await asyncio.sleep(0.02)
+        finally:
+            await engine.stop()
+
+    asyncio.run(main())
+    assert len(recorder.step_threads) >= 8
+    assert len(set(recorder.step_threads)) == 1
+
+
+def test_brim_serve_builds_the_engine_on_the_engine_thread(monkeypatch):
+    """run_serve hands create_engine to the EngineThread it then gives the app."""
+    from brim.runtime.cli import serve
+
+    seen = {}
+
+    def fake_create_engine(args):
+        seen["built_on"] = threading.current_thread().name
+        raise ValueError("stop here")  # run_serve reports it and returns 2
+
+    monkeypatch.setattr(serve, "create_engine", fake_create_engine)
+    args = serve_args(["--port", "0", "--host", "127.0.0.1"])
+    assert serve.run_serve(args) == 2
+    assert seen["built_on"].startswith("brim-engine")
+
+
+def serve_args(argv):
+    import argparse
+
+    from brim.runtime.cli import serve
+
+    parser = argparse.ArgumentParser()
+    serve.register(parser.add_subparsers())
+    return parser.parse_args(["serve", *argv])
