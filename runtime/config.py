@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from brim.runtime.engine.errors import KVCacheTooSmallError
+from brim.runtime.engine.speculative import SpeculativeConfig
 from brim.runtime.planner.dtypes import resolve_dtype
 from brim.runtime.planner.facts import CheckpointFacts, ModelFacts, declared_dtype, read_checkpoint
 from brim.runtime.planner.lengths import (DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS,
@@ -163,6 +164,7 @@ class EngineConfig:
     scheduler: SchedulerConfig
     device: str = "cpu"
     seed: int = 0
+    speculative: SpeculativeConfig | None = None  # engine/speculative.py; None: off
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -198,6 +200,7 @@ class EngineConfig:
         allow_long_max_model_len: bool = False,
         seed: int = 0,
         device: str = "cpu",
+        speculative_config: dict | str | SpeculativeConfig | None = None,
     ) -> "EngineConfig":
         if device not in DEVICES:
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
@@ -224,4 +227,5 @@ class EngineConfig:
             gpu_memory_utilization=gpu_memory_utilization,
             enable_prefix_caching=enable_prefix_caching,
         )
-        return cls(model_config, cache_config, scheduler_config, device=device, seed=seed)
+        return cls(model_config, cache_config, scheduler_config, device=device, seed=seed,
+                   speculative=SpeculativeConfig.parse(speculative_config))

@@ -82,6 +82,10 @@ def register(subparsers) -> None:
     engine.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                         help="GPUs per model copy (brim's engine runs on one: only 1)")
     engine.add_argument("--seed", type=int, default=0, help="seed of requests without their own")
+    engine.add_argument("--speculative-config", default=None, metavar="JSON",
+                        help='speculative decoding, as vLLM\'s: \'{"method": "ngram", '
+                             '"num_speculative_tokens": 3, "prompt_lookup_max": 3}\' (guesses '
+                             "from the request's own tokens; greedy output is unchanged)")
     engine.add_argument("--memory-report-path", default=None, metavar="PATH",
                         help="when the KV cache cannot hold --max-model-len, write the memory "
                              "report (JSON: predicted and measured) here before exiting; in "
@@ -185,7 +189,7 @@ def create_engine(args: argparse.Namespace):
         gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=args.enable_prefix_caching,
         allow_long_max_model_len=args.allow_long_max_model_len, seed=args.seed,
-        device=resolve_device(args.device))
+        device=resolve_device(args.device), speculative_config=args.speculative_config)
     return Engine(config, request_limits(args))
 
 

@@ -26,6 +26,7 @@ from brim.runtime.engine.model_runner import ModelRunner
 from brim.runtime.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from brim.runtime.engine.request import Request
 from brim.runtime.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+from brim.runtime.engine.speculative import NgramProposer
 from brim.runtime.models.loader import load_model, model_weights_bytes
 from brim.runtime.sampling_params import SEED_MAX, SEED_MIN, SamplingParams
 
@@ -48,6 +49,11 @@ class EngineStats:
     num_generation_tokens: int
     prefix_cache_queries: int
     prefix_cache_hits: int
+    # Speculative decoding (zero when off): see Engine.__init__.
+    spec_drafts: int = 0
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
+    spec_emitted_tokens: int = 0
 
 
 @dataclass(slots=True)
@@ -60,8 +66,8 @@ class FailedRequestOutput(RequestOutput):
     error: str = ""
 
 
-# A step's sampled tokens: req_id -> (token id, its logprobs entry or None).
-Sampled = dict[str, tuple[int, object]]
+# A step's sampled tokens: req_id -> (its new token ids, a logprobs entry or None per token).
+Sampled = dict[str, tuple[list[int], list]]
 
 
 def load_tokenizer(path):
@@ -104,6 +110,12 @@ class Engine:
         self.parents: dict[str, list[Request]] = {}  # req_id -> its n children
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
+        spec = self.config.speculative
+        self.proposer = NgramProposer(spec) if spec is not None else None
+        self.num_spec_drafts = 0  # steps in which a request had guesses checked
+        self.num_spec_draft_tokens = 0  # guesses checked
+        self.num_spec_accepted_tokens = 0
+        self.num_spec_emitted_tokens = 0  # accepted + the target's own, over those steps
         self._log_start(time.monotonic() - started)
 
     @property
@@ -185,15 +197,16 @@ class Engine:
                 failed.setdefault(s.request.parent_id, error)
         for parent_id in failed:
             self._finish_parent(parent_id)
-        advanced = self.scheduler.update(out, {r: token for r, (token, _) in sampled.items()})
+        self._count_speculation(out, sampled)
+        advanced = self.scheduler.update(out, {r: tokens for r, (tokens, _) in sampled.items()})
 
         now = time.monotonic()
         touched = {}
-        for request in advanced:
+        for request, num_new in advanced:
             if request.parent_id in failed:
                 continue
             try:
-                self._process_token(request, sampled[request.req_id][1])
+                self._process_tokens(request, num_new, sampled[request.req_id][1])
             except Exception as exc:  # detokenizing or logprobs: this request's alone
                 failed[request.parent_id] = exc
                 self._finish_parent(request.parent_id)
@@ -202,11 +215,36 @@ class Engine:
                 request.first_token_time = now
                 if request.index == 0:  # n children share one prompt
                     self.num_prompt_tokens += request.num_prompt_tokens
-            self.num_generation_tokens += 1
             touched[request.parent_id] = True
+        if self.proposer is not None:
+            self._propose()
         outputs = [self._failed_output(parent_id, error) for parent_id, error in failed.items()]
         return outputs + [self._output(parent_id) for parent_id in touched
                           if parent_id not in failed]
+
+    # -- speculative decoding ---------------------------------------------------------------
+
+    def _propose(self) -> None:
+        """Guesses for every running request that decodes next step (speculative.py),
+        bounded so that the tokens a step may emit stay within max_tokens and
+        max_model_len."""
+        max_len = self.max_model_len
+        for request in self.scheduler.running:
+            request.spec_token_ids = []
+            if request.num_tokens - request.num_computed_tokens != 1:
+                continue
+            limit = min(request.max_tokens - request.num_output_tokens,
+                        max_len - request.num_tokens) - 1
+            request.spec_token_ids = self.proposer.propose(request, limit)
+
+    def _count_speculation(self, out: SchedulerOutput, sampled: Sampled) -> None:
+        for s in out.scheduled:
+            if s.spec_token_ids and s.request.req_id in sampled:
+                emitted = len(sampled[s.request.req_id][0])
+                self.num_spec_drafts += 1
+                self.num_spec_draft_tokens += len(s.spec_token_ids)
+                self.num_spec_accepted_tokens += emitted - 1
+                self.num_spec_emitted_tokens += emitted
 
     # -- isolation ------------------------------------------------------------------------
 
@@ -253,8 +291,7 @@ class Engine:
         if result is None:
             return {}
         sampling = [s.request.req_id for s in scheduled if s.samples]
-        return {req_id: (token, lp)
-                for req_id, token, lp in zip(sampling, result.token_ids, result.logprobs)}
+        return dict(zip(sampling, result))
 
     def _uncache_step_blocks(self, s: ScheduledRequest) -> None:
         """The blocks a failed step was to fill may hold stale KV: the prefix cache must
@@ -270,8 +307,22 @@ class Engine:
         values = {f.name: getattr(output, f.name) for f in fields(output)}
         return FailedRequestOutput(**values, error=repr(error))
 
-    def _process_token(self, request: Request, logprob) -> None:
-        token = request.all_token_ids[-1]
+    def _process_tokens(self, request: Request, num_new: int, logprobs: list) -> None:
+        """Detokenize and check stop strings for the request's num_new newest tokens, in
+        order; a stop string ends it there and drops the tokens after it."""
+        first = request.num_tokens - num_new
+        for i in range(num_new):
+            position = first + i
+            stopped = self._process_token(request, request.all_token_ids[position],
+                                          logprobs[i], is_last=position == request.num_tokens - 1)
+            self.num_generation_tokens += 1
+            if stopped:
+                del request.all_token_ids[position + 1:]  # the tokens after a stop string
+                return
+
+    def _process_token(self, request: Request, token: int, logprob, is_last: bool) -> bool:
+        """Logprobs, text and stop strings for one new token; True if a stop string ended
+        the request at it."""
         if logprob is not None:
             chosen_lp, rank, top_ids, top_lps = logprob
             entry = {token: Logprob(chosen_lp, rank, self.tokenizer.decode([token]))}
@@ -279,11 +330,13 @@ class Engine:
                 entry.setdefault(tid, Logprob(lp, r, self.tokenizer.decode([tid])))
             request.logprobs.append(entry)
             request.cumulative_logprob += chosen_lp
-        if request.finish_reason == "stop":
-            return  # a stop token's text is not part of the output
+        if is_last and request.finish_reason == "stop":
+            # The scheduler ended it at this token (EOS or a stop token id): a stop token's
+            # text is not part of the output. (Earlier tokens of the step still are.)
+            return False
         delta = request.detokenizer.add(token)
         if not delta:
-            return
+            return False
         request.text += delta
         params = request.params
         if params.stop and request.num_output_tokens >= params.min_tokens:
@@ -296,6 +349,8 @@ class Engine:
                 # names the reason, as the text was cut at it.
                 self.scheduler.finish(request, "stop", stop)
                 request.finish_reason, request.stop_reason = "stop", stop
+                return True
+        return False
 
     def _output(self, parent_id: str) -> RequestOutput:
         children = self.parents[parent_id]
@@ -333,6 +388,10 @@ class Engine:
             num_generation_tokens=self.num_generation_tokens,
             prefix_cache_queries=self.kv_cache.num_queried_tokens,
             prefix_cache_hits=self.kv_cache.num_hit_tokens,
+            spec_drafts=self.num_spec_drafts,
+            spec_draft_tokens=self.num_spec_draft_tokens,
+            spec_accepted_tokens=self.num_spec_accepted_tokens,
+            spec_emitted_tokens=self.num_spec_emitted_tokens,
         )
 
 

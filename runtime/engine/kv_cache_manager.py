@@ -95,9 +95,11 @@ class KVCacheManager:
             blocks.extend(self.pool.allocate(num_needed))
         if self.enable_prefix_caching:
             # Blocks filled by this step can be shared from the next scheduling on: within
-            # one forward every layer stores the new KV before attention reads it.
-            hashes = self._block_hashes(request, upto=num_total)
-            for block, block_hash in zip(blocks[: num_total // self.block_size], hashes):
+            # one forward every layer stores the new KV before attention reads it. Only
+            # blocks of real tokens: speculative guesses past the last one may be rejected.
+            upto = min(num_total, request.num_tokens)
+            hashes = self._block_hashes(request, upto=upto)
+            for block, block_hash in zip(blocks[: upto // self.block_size], hashes):
                 self.pool.cache(block, block_hash)
         return True
 
@@ -106,6 +108,18 @@ class KVCacheManager:
         them): keep the prefix cache from handing them out."""
         for block_id in block_ids:
             self.pool.uncache(self.pool.blocks[block_id])
+
+    def trim(self, request: Request, num_tokens: int) -> None:
+        """Give back the request's blocks past its first num_tokens tokens (the slots of
+        rejected speculative guesses; never cached, as they held no real tokens)."""
+        blocks = self.req_blocks.get(request.req_id)
+        keep = -(-num_tokens // self.block_size)
+        if blocks and len(blocks) > keep:
+            extra = blocks[keep:]
+            del blocks[keep:]
+            for block in extra:
+                self.pool.uncache(block)
+            self.pool.free(reversed(extra))
 
     def free(self, request: Request) -> None:
         blocks = self.req_blocks.pop(request.req_id, [])

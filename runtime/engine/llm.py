@@ -55,6 +55,7 @@ class LLM:
         device: str = "auto",
         cache_dir: str | None = None,
         revision: str | None = None,
+        speculative_config: dict | None = None,
     ) -> None:
         if model is not None:
             from brim.runtime.models.hub import resolve_model
@@ -77,6 +78,7 @@ class LLM:
             allow_long_max_model_len=allow_long_max_model_len,
             seed=seed,
             device=resolve_device(device),
+            speculative_config=speculative_config,
         )
         self.engine = Engine(config)
         self._ids = itertools.count()

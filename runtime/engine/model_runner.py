@@ -6,7 +6,7 @@ import torch
 
 from brim.kernels.cpu_attention import CpuAttentionPlan
 from brim.runtime.config import EngineConfig
-from brim.runtime.engine.sampler import Sampler, SamplerOutput
+from brim.runtime.engine.sampler import Sampler
 from brim.runtime.engine.scheduler import SchedulerOutput
 from brim.runtime.models.llama import AttentionMetadata, LlamaForCausalLM
 from brim.runtime.models.loader import TORCH_DTYPES
@@ -32,24 +32,28 @@ class ModelRunner:
         self.sampler = Sampler(config.seed)
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> SamplerOutput | None:
+    def execute(self, out: SchedulerOutput) -> list[tuple[list[int], list]] | None:
         """Run one step.
 
-        Returns one sampled token per request whose step reaches its last token (a
-        partial prefill chunk samples nothing), in batch order.
+        Returns, for each request whose step reaches its last token (a partial prefill
+        chunk samples nothing), in batch order: its new tokens and a logprobs entry (or
+        None) per token. One token, or with speculative guesses the accepted ones and one
+        more (Sampler.verify).
         """
         input_ids, positions, slots, query_start, seq_lens, logits_rows = [], [], [], [0], [], []
         block_tables = [s.block_table for s in out.scheduled]
         for s in out.scheduled:
             start, end, table = s.start, s.start + s.num_new_tokens, s.block_table
             input_ids.extend(s.request.all_token_ids[start:end])
+            input_ids.extend(s.spec_token_ids)  # guesses follow the last token
             positions.extend(range(start, end))
             slots.extend(table[p // self.block_size] * self.block_size + p % self.block_size
                          for p in range(start, end))
             query_start.append(query_start[-1] + s.num_new_tokens)
             seq_lens.append(end)
             if s.samples:
-                logits_rows.append(query_start[-1] - 1)
+                logits_rows.extend(range(query_start[-1] - 1 - len(s.spec_token_ids),
+                                         query_start[-1]))
         max_blocks = max(len(t) for t in block_tables)
         padded = [t + [0] * (max_blocks - len(t)) for t in block_tables]
 
@@ -73,4 +77,29 @@ class ModelRunner:
             return None
         # Logits only where a token is sampled: the vocab matmul is the largest one.
         logits = self.model.compute_logits(hidden[tensor(logits_rows, torch.int64)])
-        return self.sampler(logits, [s.request for s in out.scheduled if s.samples])
+        sampling = [s for s in out.scheduled if s.samples]
+        if not any(s.spec_token_ids for s in sampling):
+            result = self.sampler(logits, [s.request for s in sampling])
+            return [([token], [lp]) for token, lp in zip(result.token_ids, result.logprobs)]
+        # Plain rows sample together; each request with guesses is verified on its rows.
+        plain, row, plain_rows, verified = [], 0, [], {}
+        for i, s in enumerate(sampling):
+            num_rows = 1 + len(s.spec_token_ids)
+            if s.spec_token_ids:
+                verified[i] = self.sampler.verify(logits[row:row + num_rows], s.request,
+                                                  s.spec_token_ids)
+            else:
+                plain.append(s.request)
+                plain_rows.append(row)
+            row += num_rows
+        results = []
+        if plain:
+            sampled = self.sampler(logits[tensor(plain_rows, torch.int64)], plain)
+            plain_results = iter(zip(sampled.token_ids, sampled.logprobs))
+        for i in range(len(sampling)):
+            if i in verified:
+                results.append(verified[i])
+            else:
+                token, lp = next(plain_results)
+                results.append(([token], [lp]))
+        return results

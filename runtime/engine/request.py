@@ -32,6 +32,7 @@ class Request:
         "num_cached_tokens", "status", "finish_reason", "stop_reason", "arrival_time",
         "generator", "logprobs", "cumulative_logprob", "text", "detokenizer",
         "num_preemptions", "first_token_time", "cache_salt", "block_hashes",
+        "spec_token_ids", "spec_state",
     )
 
     def __init__(
@@ -75,6 +76,10 @@ class Request:
         self.first_token_time: float | None = None
         self.cache_salt = cache_salt
         self.block_hashes: list[bytes] = []  # of its full blocks, extended as tokens arrive
+        # Speculative decoding: the proposer's guesses for the next step (not tokens yet),
+        # and the proposer's own per-request state.
+        self.spec_token_ids: list[int] = []
+        self.spec_state = None
 
     @property
     def num_tokens(self) -> int:

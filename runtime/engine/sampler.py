@@ -78,21 +78,62 @@ class Sampler:
         logprobs: list = [None] * len(requests)
         if raw_logprobs is not None:
             for row, request in enumerate(requests):
-                k = request.params.logprobs
-                if k is None:
-                    continue
-                row_lp = raw_logprobs[row]
-                chosen = row_lp[token_list[row]]
-                rank = int((row_lp > chosen).sum()) + 1
-                top = row_lp.topk(k) if k > 0 else None
-                logprobs[row] = (
-                    float(chosen), rank,
-                    top.indices.tolist() if top is not None else [],
-                    top.values.tolist() if top is not None else [],
-                )
+                if request.params.logprobs is not None:
+                    logprobs[row] = _logprob_entry(raw_logprobs[row], token_list[row],
+                                                   request.params.logprobs)
         return SamplerOutput(token_list, logprobs)
 
-    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    def verify(self, logits: torch.Tensor, request: Request,
+               guesses: list[int]) -> tuple[list[int], list]:
+        """Check k guessed tokens against the target (speculative.py).
+
+        logits: [k + 1, V], the target's at the request's last token and at each guess.
+        Returns the tokens to emit — the accepted guesses, then one of the target's own —
+        and a logprobs entry (or None) per token. Greedy: the longest run of guesses equal
+        to the argmax. Sampling: guess i is accepted with probability p_i(guess) (a guess
+        from a lookup is certain, q = 1), else the token is drawn from p_i without it,
+        renormalised; all accepted, the last row gives one more. Each token is distributed
+        as the target alone would draw it.
+        """
+        logits = logits.float()
+        params = request.params
+        raw_logprobs = logits.log_softmax(dim=-1) if params.logprobs is not None else None
+        k = len(guesses)
+        num_output = request.num_output_tokens
+        if num_output < params.min_tokens:
+            banned = list(set(request.eos_token_ids) | set(params.stop_token_ids))
+            rows = [j for j in range(k + 1) if num_output + j < params.min_tokens]
+            if banned and rows:
+                logits[torch.tensor(rows)[:, None], torch.tensor(banned)[None, :]] = float("-inf")
+        if params.is_greedy:
+            best = logits.argmax(dim=-1).tolist()
+            accepted = 0
+            while accepted < k and best[accepted] == guesses[accepted]:
+                accepted += 1
+            tokens = guesses[:accepted] + [best[accepted]]
+        else:
+            generator = request.generator or self.generator
+            probs = self._probs(logits, [request] * (k + 1))
+            draws = torch.rand(k, generator=generator).tolist()
+            tokens = []
+            for row, guess in enumerate(guesses):
+                if draws[row] < float(probs[row, guess]):
+                    tokens.append(guess)
+                    continue
+                residual = probs[row].clone()
+                residual[guess] = 0.0
+                tokens.append(_draw(residual, generator))
+                break
+            else:
+                tokens.append(_draw(probs[k], generator))
+        logprobs = [None] * len(tokens)
+        if raw_logprobs is not None:
+            logprobs = [_logprob_entry(raw_logprobs[row], token, params.logprobs)
+                        for row, token in enumerate(tokens)]
+        return tokens, logprobs
+
+    def _probs(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """Each row's sampling distribution: temperature, then top-k, top-p, min-p."""
         vocab = logits.shape[-1]
         # Admission bounds every value; these two are clamped to what the tensors can hold:
         # a top_k above the vocabulary keeps it all, a temperature above float32's range
@@ -104,7 +145,10 @@ class Sampler:
         top_p = torch.tensor([r.params.top_p for r in requests], device=logits.device)
         min_p = torch.tensor([r.params.min_p for r in requests], device=logits.device)
         scaled = filter_logits(logits / temperature[:, None], top_k, top_p, min_p)
-        probs = scaled.softmax(dim=-1)
+        return scaled.softmax(dim=-1)
+
+    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        probs = self._probs(logits, requests)
         # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p. Each row's noise
         # comes from its own generator when seeded, so a seeded request's tokens do not
         # depend on what else is in the batch.
@@ -114,3 +158,19 @@ class Sampler:
             if not request.params.is_greedy:
                 noise[row].exponential_(generator=request.generator or self.generator)
         return (probs / noise.to(probs.device)).argmax(dim=-1)
+
+
+def _logprob_entry(row_logprobs: torch.Tensor, token: int, k: int) -> tuple:
+    """(the token's logprob, its rank, the top-k ids, their logprobs) from one row."""
+    chosen = row_logprobs[token]
+    rank = int((row_logprobs > chosen).sum()) + 1
+    top = row_logprobs.topk(k) if k > 0 else None
+    return (float(chosen), rank, top.indices.tolist() if top is not None else [],
+            top.values.tolist() if top is not None else [])
+
+
+def _draw(probs: torch.Tensor, generator: torch.Generator) -> int:
+    """One token from a (possibly unnormalised) distribution over the vocabulary, by the
+    same exponential race as Sampler._sample."""
+    noise = torch.empty(probs.shape, dtype=torch.float32).exponential_(generator=generator)
+    return int((probs.float().cpu() / noise).argmax())

@@ -26,11 +26,15 @@ class ScheduledRequest:
     start: int  # its num_computed_tokens before this step
     # Physical block ids holding its tokens 0 .. start + num_new_tokens - 1, in order.
     block_table: list[int] = field(default_factory=list)
+    # Speculative decoding: guessed tokens computed after its last one (part of
+    # num_new_tokens); the target's logits at the last token and at each guess decide.
+    spec_token_ids: list[int] = field(default_factory=list)
 
     @property
     def samples(self) -> bool:
         """Whether this step reaches the request's last token, so its logits give a token."""
-        return self.start + self.num_new_tokens == self.request.num_tokens
+        return (self.start + self.num_new_tokens
+                == self.request.num_tokens + len(self.spec_token_ids))
 
 
 @dataclass(slots=True)
@@ -65,7 +69,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_new = request.num_tokens - request.num_computed_tokens
+            # A decode with guesses computes them too, as far as the budget goes.
+            spec = request.spec_token_ids[:budget - 1] if num_new == 1 else []
+            num_new = min(num_new + len(spec), budget)
             while not self.kv_cache.allocate_slots(request, num_new):
                 victim = self.running.pop()  # the newest running request
                 self._preempt(victim)
@@ -75,7 +82,7 @@ class Scheduler:
             else:
                 out.scheduled.append(ScheduledRequest(
                     request, num_new, request.num_computed_tokens,
-                    self.kv_cache.block_table(request.req_id)))
+                    self.kv_cache.block_table(request.req_id), spec))
                 budget -= num_new
                 i += 1
                 continue
@@ -107,28 +114,42 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         self.kv_cache.free(request)
         request.num_computed_tokens = 0
+        request.spec_token_ids = []
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)
 
-    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+    def update(self, out: SchedulerOutput,
+               sampled: dict[str, list[int]]) -> list[tuple[Request, int]]:
         """Advance the scheduled requests; append sampled tokens; finish on stop or length.
 
-        Returns the requests that received a token this step.
+        sampled: req_id -> the tokens the step gives it (one, or with speculation the
+        accepted guesses and one more). Returns (request, number of tokens appended) for
+        each request that received tokens this step; tokens past a stop are dropped.
         """
         advanced = []
         for s in out.scheduled:
             request = s.request
-            request.num_computed_tokens += s.num_new_tokens
             if not s.samples or request.is_finished:
+                request.num_computed_tokens += s.num_new_tokens
                 continue
-            token = sampled[request.req_id]
-            request.append_token(token)
-            advanced.append(request)
-            reason, stop_reason = self._stop_reason(request, token)
-            if reason is not None:
-                self.finish(request, reason, stop_reason)
+            tokens = sampled[request.req_id]
+            # KV is valid for the last token and the accepted guesses (all tokens but the
+            # newest); a rejected guess's KV lies beyond, in slots given back or overwritten.
+            request.num_computed_tokens += (s.num_new_tokens - len(s.spec_token_ids)
+                                            + len(tokens) - 1)
+            if s.spec_token_ids:  # roll the block table back to what holds computed KV
+                self.kv_cache.trim(request, request.num_computed_tokens)
+            num_appended = 0
+            for token in tokens:
+                request.append_token(token)
+                num_appended += 1
+                reason, stop_reason = self._stop_reason(request, token)
+                if reason is not None:
+                    self.finish(request, reason, stop_reason)
+                    break
+            advanced.append((request, num_appended))
         return advanced
 
     def _stop_reason(self, request: Request, token: int) -> tuple[str | None, int | None]:

@@ -118,6 +118,19 @@ SPECS = (
                "Prompt tokens looked up in the prefix cache.", ("vllm:prefix_cache_queries",)),
     MetricSpec("prefix_hits", Counter, "brim_prefix_cache_hits",
                "Prompt tokens found in the prefix cache.", ("vllm:prefix_cache_hits",)),
+    # -- speculative decoding (engine/speculative.py; zero when it is off) --
+    MetricSpec("spec_drafts", Counter, "brim_spec_decode_num_drafts",
+               "Times a request's guessed tokens were checked by the target model.",
+               ("vllm:spec_decode_num_drafts",)),
+    MetricSpec("spec_draft_tokens", Counter, "brim_spec_decode_num_draft_tokens",
+               "Guessed (proposed) tokens checked.", ("vllm:spec_decode_num_draft_tokens",)),
+    MetricSpec("spec_accepted_tokens", Counter, "brim_spec_decode_num_accepted_tokens",
+               "Guessed tokens the target accepted.",
+               ("vllm:spec_decode_num_accepted_tokens",)),
+    MetricSpec("spec_emitted_tokens", Counter, "brim_spec_decode_num_emitted_tokens",
+               "Tokens emitted by steps that checked guesses (accepted + the target's own)."),
+    MetricSpec("spec_mean_accepted_length", Gauge, "brim_spec_decode_mean_accepted_length",
+               "Tokens emitted per check of guesses, since start (1 = no guess accepted)."),
     MetricSpec("request_success", Counter, "brim_request_success",
                "Requests finished, by finish reason (stop, length, abort, error).",
                ("vllm:request_success",), labels=("finished_reason",)),
@@ -155,6 +168,10 @@ _COUNTER_STATS = {
     "num_generation_tokens": "generation_tokens",
     "prefix_cache_queries": "prefix_queries",
     "prefix_cache_hits": "prefix_hits",
+    "spec_drafts": "spec_drafts",
+    "spec_draft_tokens": "spec_draft_tokens",
+    "spec_accepted_tokens": "spec_accepted_tokens",
+    "spec_emitted_tokens": "spec_emitted_tokens",
 }
 # MemoryUse fields exported per source (the spec key is the field's name).
 _MEMORY_USE_FIELDS = ("num_gpu_blocks", "weights_bytes", "activation_bytes", "non_torch_bytes",
@@ -244,8 +261,11 @@ class ServerMetrics:
         self._set("blocks_cached", stats.num_cached_blocks)
         self._set("running", stats.num_running)
         self._set("waiting", stats.num_waiting)
+        drafts = getattr(stats, "spec_drafts", 0)
+        if drafts:
+            self._set("spec_mean_accepted_length", stats.spec_emitted_tokens / drafts)
         for stat, key in _COUNTER_STATS.items():
-            value = getattr(stats, stat)
+            value = getattr(stats, stat, 0)
             delta = value - self._last_counts[stat]
             if delta > 0:
                 self._inc(key, delta)

@@ -69,7 +69,7 @@ def feed(scheduler: Scheduler, out: SchedulerOutput, tokens: dict[str, int] | No
     """Play the sampler: hand every request whose step samples a token (tokens[req_id],
     else default_token). `samples` is read before update() appends to the request."""
     tokens = tokens or {}
-    sampled = {s.request.req_id: tokens.get(s.request.req_id, default_token)
+    sampled = {s.request.req_id: [tokens.get(s.request.req_id, default_token)]
                for s in out.scheduled if s.samples}
     scheduler.update(out, sampled)
 

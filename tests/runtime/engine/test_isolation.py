@@ -112,10 +112,10 @@ def test_failing_detokenization_finishes_only_its_request(engine, monkeypatch):
     expected = baseline(engine)
     original = Engine._process_token
 
-    def process(self, request, logprob):
+    def process(self, request, token, logprob, is_last):
         if request.parent_id == "bad" and request.num_output_tokens == 3:
             raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
-        return original(self, request, logprob)
+        return original(self, request, token, logprob, is_last)
 
     monkeypatch.setattr(Engine, "_process_token", process)
     requests = {name: (PROMPTS[name], PARAMS[name]) for name in PROMPTS}

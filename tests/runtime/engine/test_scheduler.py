@@ -256,7 +256,7 @@ def test_abort_between_schedule_and_update_gives_no_token():
     sched.add(a)
     out = sched.schedule()
     sched.finish(a, "abort")
-    assert sched.update(out, {"a": 7}) == []
+    assert sched.update(out, {"a": [7]}) == []
     assert a.output_token_ids == [] and a.finish_reason == "abort"
     assert_all_blocks_free(sched)
 
@@ -326,15 +326,18 @@ def test_min_tokens_suppresses_eos_and_stop_tokens():
 # -- everything comes back -----------------------------------------------------------------
 
 
+@pytest.mark.parametrize("speculative", [False, True])
 @pytest.mark.parametrize("enable_prefix_caching", [False, True])
-def test_every_block_is_free_after_a_busy_random_workload(enable_prefix_caching):
+def test_every_block_is_free_after_a_busy_random_workload(enable_prefix_caching, speculative):
+    """speculative: each decode gets up to 3 guesses, and a random number of them is
+    accepted (most are rejected): rejected guesses' slots must not leak or be cached."""
     rng = random.Random(1234)
     block_size, num_blocks, budget, max_num_seqs, max_model_len = 4, 12, 16, 5, 40
     sched = make_scheduler(num_blocks, block_size, max_num_seqs=max_num_seqs,
                            max_num_batched_tokens=budget, max_model_len=max_model_len,
                            enable_prefix_caching=enable_prefix_caching)
     shared_prefix = [500 + i for i in range(8)]
-    requests, num_steps, num_preempted = [], 0, 0
+    requests, num_steps, num_preempted, num_guesses = [], 0, 0, 0
     for i in range(40):
         prompt_len = rng.randint(1, 20)
         prompt = (shared_prefix + [900 + i] * prompt_len)[:prompt_len] if i % 2 else None
@@ -345,6 +348,12 @@ def test_every_block_is_free_after_a_busy_random_workload(enable_prefix_caching)
         for _ in range(rng.randint(0, 3)):
             if pending:
                 sched.add(pending.pop(0))
+        if speculative:  # the guesses, bounded as Engine._propose bounds them
+            for r in sched.running:
+                limit = min(r.max_tokens - r.num_output_tokens, max_model_len - r.num_tokens) - 1
+                decoding = r.num_tokens - r.num_computed_tokens == 1
+                r.spec_token_ids = [rng.choice([11, 12, 13]) for _ in range(rng.randint(0, 3))
+                                    ][:max(limit, 0)] if decoding else []
         out = sched.schedule()
         num_steps += 1
         num_preempted += len(out.preempted)
@@ -357,13 +366,21 @@ def test_every_block_is_free_after_a_busy_random_workload(enable_prefix_caching)
         used = sum(len(blocks) for blocks in sched.kv_cache.req_blocks.values())
         if not enable_prefix_caching:
             assert used == sched.kv_cache.pool.num_used_blocks
-        tokens = {s.request.req_id: rng.choice([EOS, 11, 12, 13, 14, 15])
-                  for s in out.scheduled if s.samples}
+        tokens = {}
+        for s in out.scheduled:
+            if s.samples:
+                accepted = s.spec_token_ids[:rng.randint(0, len(s.spec_token_ids))]
+                tokens[s.request.req_id] = accepted + [rng.choice([EOS, 11, 12, 13, 14, 15])]
+                num_guesses += len(s.spec_token_ids)
         sched.update(out, tokens)
+        if speculative:  # a block of guesses never enters the prefix cache
+            for r in sched.running:
+                assert len(r.block_hashes) <= r.num_tokens // block_size
         if sched.running and rng.random() < 0.05:
             sched.finish(rng.choice(sched.running), "abort")
         assert num_steps < 2000
     assert num_preempted > 0  # the pool is small enough to force preemption
+    assert num_guesses > 50 if speculative else num_guesses == 0
     assert all(r.is_finished for r in requests)
     for r in requests:
         if r.finish_reason == "length":

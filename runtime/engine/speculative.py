@@ -1,0 +1,139 @@
+"""Speculative decoding: guess the next k tokens cheaply, let the target check them in one step.
+
+A decoding request whose proposer guessed k tokens is scheduled for 1 + k new tokens in the
+same step as everyone else (the scheduler's one rule, with the guesses appended after its
+last token). The target's logits at those 1 + k positions decide: greedy keeps the longest
+run of guesses equal to its own argmax, plus its own next token; sampling accepts guess i
+with probability p_i(guess) / q_i(guess) and, at the first rejection, draws from the
+normalised residual max(p_i - q_i, 0) — so every emitted token is distributed exactly as
+the target alone would have drawn it (Leviathan et al., 2023; Chen et al., 2023). The KV
+written for rejected guesses lies beyond the request's num_computed_tokens: blocks past it go
+back to the pool (never cached: only blocks of real tokens are), and the next step overwrites
+the rest.
+
+Proposers:
+- n-gram prompt lookup ("ngram"): the last n tokens (n from prompt_lookup_max down to
+  prompt_lookup_min) are looked up in the request's own prompt and output; what followed
+  their latest earlier occurrence is the guess. No model, so q is one-hot on the guess.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+MAX_SPECULATIVE_TOKENS = 16
+MAX_PROMPT_LOOKUP = 32
+METHODS = ("ngram",)
+_KEYS = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "model")
+
+
+@dataclass(frozen=True, slots=True)
+class SpeculativeConfig:
+    """method: "ngram". num_speculative_tokens: guesses per step (k).
+    prompt_lookup_max / _min: the longest and shortest suffix the n-gram proposer matches."""
+
+    method: str
+    num_speculative_tokens: int
+    prompt_lookup_max: int = 3
+    prompt_lookup_min: int = 1
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"speculative method {self.method!r} is not supported; brim "
+                             f"supports {', '.join(METHODS)}")
+        k = self.num_speculative_tokens
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_SPECULATIVE_TOKENS:
+            raise ValueError(f"num_speculative_tokens must be an integer in 1.."
+                             f"{MAX_SPECULATIVE_TOKENS}, got {k!r}")
+        lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
+        for name, value in (("prompt_lookup_min", lo), ("prompt_lookup_max", hi)):
+            if isinstance(value, bool) or not isinstance(value, int) or not (
+                    1 <= value <= MAX_PROMPT_LOOKUP):
+                raise ValueError(f"{name} must be an integer in 1..{MAX_PROMPT_LOOKUP}, "
+                                 f"got {value!r}")
+        if lo > hi:
+            raise ValueError(f"prompt_lookup_min ({lo}) must be <= prompt_lookup_max ({hi})")
+
+    @classmethod
+    def parse(cls, value) -> "SpeculativeConfig | None":
+        """From vLLM's speculative_config: a dict or its JSON text; None or {} is off."""
+        if value is None or isinstance(value, SpeculativeConfig):
+            return value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"speculative_config is not valid JSON ({exc.msg}); give an "
+                                 'object such as {"method": "ngram", '
+                                 '"num_speculative_tokens": 3}') from None
+        if not isinstance(value, dict):
+            raise ValueError(f"speculative_config must be an object, got {type(value).__name__}")
+        if not value:
+            return None
+        unknown = sorted(set(value) - set(_KEYS))
+        if unknown:
+            raise ValueError(f"speculative_config has unknown keys {unknown}; brim knows "
+                             f"{', '.join(_KEYS)}")
+        if value.get("model") is not None or value.get("method") in ("draft_model", "eagle",
+                                                                      "eagle3", "medusa", "mtp"):
+            raise ValueError("draft-model speculation is not supported by this brim (only "
+                             'prompt lookup); use {"method": "ngram", "num_speculative_tokens": '
+                             "k}")
+        if "num_speculative_tokens" not in value:
+            raise ValueError("speculative_config needs num_speculative_tokens (the guesses "
+                             f"per step, 1..{MAX_SPECULATIVE_TOKENS})")
+        k = value["num_speculative_tokens"]
+        hi = value.get("prompt_lookup_max")
+        lo = value.get("prompt_lookup_min")
+        if lo is None:
+            lo = 1
+        if hi is None:
+            hi = max(3, lo) if isinstance(lo, int) else 3
+        return cls(method=value.get("method", "ngram"), num_speculative_tokens=k,
+                   prompt_lookup_max=hi, prompt_lookup_min=lo)
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "num_speculative_tokens": self.num_speculative_tokens,
+                "prompt_lookup_max": self.prompt_lookup_max,
+                "prompt_lookup_min": self.prompt_lookup_min}
+
+
+class NgramProposer:
+    """Prompt lookup over a request's own tokens.
+
+    The tokens are kept as 4-byte little-endian words in a bytearray on the request
+    (`spec_state`), extended as tokens arrive, so a lookup is bytes.rfind in C rather than
+    a Python scan: a few microseconds for a few thousand tokens.
+    """
+
+    def __init__(self, config: SpeculativeConfig) -> None:
+        self.k = config.num_speculative_tokens
+        self.lo, self.hi = config.prompt_lookup_min, config.prompt_lookup_max
+
+    def propose(self, request, limit: int) -> list[int]:
+        """Up to min(k, limit) guessed tokens to follow request.all_token_ids."""
+        k = min(self.k, limit)
+        if k <= 0:
+            return []
+        tokens = request.all_token_ids
+        words = request.spec_state
+        if words is None or len(words) > 4 * len(tokens):
+            words = request.spec_state = bytearray()
+        if len(words) < 4 * len(tokens):
+            words += b"".join(t.to_bytes(4, "little", signed=True)
+                              for t in tokens[len(words) // 4:])
+        n_tokens = len(tokens)
+        for n in range(min(self.hi, n_tokens - 1), self.lo - 1, -1):
+            suffix = bytes(words[4 * (n_tokens - n):])
+            # The latest occurrence that ends before the last token (not the suffix itself).
+            end = 4 * (n_tokens - 1)
+            while True:
+                at = words.rfind(suffix, 0, end)
+                if at < 0:
+                    break
+                if at % 4 == 0:
+                    start = at // 4 + n
+                    return list(tokens[start:start + k])
+                end = at + len(suffix) - 1  # misaligned: look further left
+        return []
