@@ -89,6 +89,14 @@ class LLM:
         self.engine = Engine(config)
         self._ids = itertools.count()
 
+    @classmethod
+    def from_engine(cls, engine: Engine) -> "LLM":
+        """An LLM over an engine built elsewhere (one engine shared with a server, say)."""
+        llm = cls.__new__(cls)
+        llm.engine = engine
+        llm._ids = itertools.count()
+        return llm
+
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers (a no-op at tensor_parallel_size=1)."""
         self.engine.shutdown()
