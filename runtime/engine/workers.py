@@ -89,6 +89,7 @@ class TensorParallelWorkers:
         self.reports: list[RankReport] = []
         self.is_closed = False
         backend = backend_for(config.device)
+        self._num_threads = torch.get_num_threads()  # this process's, restored at shutdown
         if config.device == "cpu":
             torch.set_num_threads(num_threads_per_rank(self.world_size))
         port = _free_port()
@@ -138,12 +139,17 @@ class TensorParallelWorkers:
         """Turn a failed collective into a WorkerDiedError naming the rank that died."""
         try:
             yield
-        except Exception:
-            deadline = time.monotonic() + DEATH_GRACE_S
-            while time.monotonic() < deadline:
+        except Exception as exc:
+            # A broken collective waits for the dead worker to be reaped; another error
+            # (this rank's own) is only checked against a death already seen.
+            is_collective = any(word in str(exc).lower()
+                                for word in ("gloo", "nccl", "connection", "peer"))
+            deadline = time.monotonic() + (DEATH_GRACE_S if is_collective else 0)
+            while True:
                 self._raise_if_dead(during)
+                if time.monotonic() >= deadline:
+                    raise
                 time.sleep(0.05)
-            raise
 
     def _raise_if_dead(self, during: str) -> None:
         dead = [(rank, p) for rank, p in enumerate(self.processes, start=1)
@@ -210,6 +216,7 @@ class TensorParallelWorkers:
                 process.join(5)
         for pipe in self.pipes:
             pipe.close()
+        torch.set_num_threads(self._num_threads)
 
 
 class DriverModelRunner(ModelRunner):
