@@ -111,11 +111,6 @@ class Engine:
 
         self.memory_report = size_kv_cache(config, self.model, weights,
                                            agree=agree if workers else None)
-        if workers is not None:
-            from brim.runtime.engine.workers import RankReport
-
-            workers.collect_reports(RankReport(0, weights, self.model.load_stats.num_bytes_read,
-                                               measured[0]))
         self.config = fit_max_model_len(config, self.memory_report)
         self.kv_cache = KVCacheManager(self.num_gpu_blocks, config.cache.block_size,
                                        config.cache.enable_prefix_caching)
@@ -123,7 +118,11 @@ class Engine:
         if workers is None:
             self.runner = ModelRunner(self.config, self.model, self.num_gpu_blocks)
         else:
+            from brim.runtime.engine.workers import RankReport, kv_cache_bytes
+
             self.runner = workers.runner(self.config, self.model, self.num_gpu_blocks)
+            workers.collect_reports(RankReport(0, weights, self.model.load_stats.num_bytes_read,
+                                               measured[0], kv_cache_bytes(self.runner)))
 
         # The tokenizer may name an EOS of its own beside config.json's and
         # generation_config.json's; transformers stops at any of them.
@@ -162,8 +161,9 @@ class Engine:
         if self.workers is not None:
             for r in self.workers.reports:
                 logger.info("tensor-parallel rank %d: weights %.3f GiB (read %.3f GiB of the "
-                            "checkpoint), %d KV blocks measured", r.rank,
-                            r.weights_bytes / 2**30, r.num_bytes_read / 2**30, r.num_gpu_blocks)
+                            "checkpoint), KV cache %.3f GiB (%d blocks measured, %d agreed)",
+                            r.rank, r.weights_bytes / 2**30, r.num_bytes_read / 2**30,
+                            r.kv_cache_bytes / 2**30, r.num_gpu_blocks, report.num_gpu_blocks)
         if report.predicted is not None and report.measured is not None:
             logger.info("KV blocks predicted %d, measured %d; non-KV memory predicted %.2f GiB, "
                         "measured %.2f GiB", report.predicted.num_gpu_blocks,

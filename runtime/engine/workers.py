@@ -63,6 +63,7 @@ class RankReport:
     weights_bytes: int  # parameters and packed copies (loader.model_weights_bytes)
     num_bytes_read: int  # checkpoint bytes it read (parallel.LoadStats)
     num_gpu_blocks: int  # what it measured before the agreement
+    kv_cache_bytes: int  # its paged KV cache as allocated (the agreed blocks, its KV heads)
 
 
 def backend_for(device: str) -> str:
@@ -296,8 +297,9 @@ def run_worker(config: EngineConfig, rank: int, port: int, parent_pid: int, pipe
         return group.min(num_blocks)
 
     report = size_kv_cache(config, model, weights, agree=agree)
-    pipe.send(RankReport(rank, weights, model.load_stats.num_bytes_read, measured[0]))
     runner = ModelRunner(config, model, report.num_gpu_blocks)
+    pipe.send(RankReport(rank, weights, model.load_stats.num_bytes_read, measured[0],
+                         kv_cache_bytes(runner)))
     device = group._device
     while True:
         header = group.broadcast(torch.zeros(_HEADER_LEN, dtype=torch.int64, device=device))
@@ -310,6 +312,11 @@ def run_worker(config: EngineConfig, rank: int, port: int, parent_pid: int, pipe
             runner.forward(step)
         except Exception:  # rank 0 hits the same; a broken group fails the next broadcast
             logger.exception("tensor-parallel rank %d: the step failed", rank)
+
+
+def kv_cache_bytes(runner: ModelRunner) -> int:
+    """Bytes of a runner's paged KV cache (every layer's K and V)."""
+    return sum(t.numel() * t.element_size() for kv in runner.kv_caches for t in kv)
 
 
 def _exit_with_parent(parent_pid: int) -> None:

@@ -47,7 +47,7 @@ def test_greedy_tokens_equal_transformers(tp):
     assert got == want
 
 
-def test_each_rank_holds_the_planners_per_gpu_weight_bytes(tp):
+def test_each_rank_holds_the_planners_per_gpu_weights_and_kv_bytes(tp):
     checkpoint = read_checkpoint(tp.path)
     predicted = plan(PlanRequest(checkpoint=checkpoint, gpu_memory_bytes=8 * GiB,
                                  device="cpu", dtype="float32", max_model_len=512,
@@ -60,6 +60,11 @@ def test_each_rank_holds_the_planners_per_gpu_weight_bytes(tp):
     whole = plan(PlanRequest(checkpoint=checkpoint, gpu_memory_bytes=8 * GiB, device="cpu",
                              dtype="float32", max_model_len=512))
     assert per_rank < whole.weights_bytes / (tp.size / 2)
+    # The KV cache each rank allocated: the agreed 64 blocks of 16 tokens at the planner's
+    # per-GPU bytes per token (1 of the 2 KV heads on every rank, at TP=2 and at TP=4).
+    assert predicted.kv_bytes_per_token == 2 * 3 * 1 * 8 * 4
+    assert tp.llm.engine.memory_report.kv_bytes_per_token == predicted.kv_bytes_per_token
+    assert [r.kv_cache_bytes for r in reports] == [64 * 16 * predicted.kv_bytes_per_token] * tp.size
 
 
 def _slice_bytes(name: str, shape: tuple, element_bytes: int, rank: int, size: int) -> int:
