@@ -20,8 +20,8 @@ from dataclasses import dataclass, fields
 from brim.runtime.config import EngineConfig
 from brim.runtime.engine.admission import Limits, RequestLimits, admit
 from brim.runtime.engine.cache_sizing import fit_max_model_len, size_kv_cache
-from brim.runtime.engine.errors import EngineDeadError
 from brim.runtime.engine.detokenizer import IncrementalDetokenizer, find_stop
+from brim.runtime.engine.errors import EngineDeadError
 from brim.runtime.engine.kv_cache_manager import KVCacheManager
 from brim.runtime.engine.model_runner import ModelRunner
 from brim.runtime.engine.outputs import CompletionOutput, Logprob, RequestOutput
