@@ -9,6 +9,7 @@ order, generate(max_new_tokens = the batch's longest output, min_new_tokens = th
 EOS cannot end it early). Only each request's own output length counts as useful tokens.
 
     python bench/throughput.py [--num-requests 64] [--model PATH] [--json out.json]
+                               [--tensor-parallel-size N] [--no-transformers]
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def run_brim(model_path: str, requests, args) -> dict:
     from brim.runtime import LLM, SamplingParams
 
     llm = LLM(model_path, dtype=args.dtype, device=args.device,
-              max_num_seqs=args.max_num_seqs)
+              max_num_seqs=args.max_num_seqs, tensor_parallel_size=args.tensor_parallel_size)
     warm = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     llm.generate([requests[0][0]], warm, use_tqdm=False)
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for _, n in requests]
@@ -50,8 +51,10 @@ def run_brim(model_path: str, requests, args) -> dict:
     elapsed = time.perf_counter() - start
     generated = sum(len(o.outputs[0].token_ids) for o in outputs)
     assert generated == sum(n for _, n in requests)
-    return {"seconds": elapsed, "output_tokens": generated,
-            "preemptions": llm.engine.get_stats().num_preemptions}
+    preemptions = llm.engine.get_stats().num_preemptions
+    llm.shutdown()
+    return {"seconds": elapsed, "output_tokens": generated, "preemptions": preemptions,
+            "tensor_parallel_size": args.tensor_parallel_size}
 
 
 def run_transformers(model_path: str, requests, args) -> dict:
@@ -97,6 +100,10 @@ def main() -> int:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                        help="brim's ranks (processes); on CPU they share the cores")
+    parser.add_argument("--no-transformers", action="store_true",
+                        help="measure brim only (e.g. to compare tensor-parallel sizes)")
     parser.add_argument("--json", default="bench/results/throughput.json")
     args = parser.parse_args()
 
@@ -110,20 +117,26 @@ def main() -> int:
     vocab_size = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
     requests = workload(args, vocab_size)
 
-    results = {"brim": run_brim(args.model, requests, args),
-               "transformers": run_transformers(args.model, requests, args)}
+    results = {"brim": run_brim(args.model, requests, args)}
+    if not args.no_transformers:
+        results["transformers"] = run_transformers(args.model, requests, args)
     for r in results.values():
         r["output_tokens_per_s"] = r["output_tokens"] / r["seconds"]
-    ratio = results["brim"]["output_tokens_per_s"] / results["transformers"]["output_tokens_per_s"]
+    ratio = None
+    if "transformers" in results:
+        ratio = (results["brim"]["output_tokens_per_s"]
+                 / results["transformers"]["output_tokens_per_s"])
 
     print(f"\nworkload: {args.num_requests} requests, prompts {args.min_prompt}-{args.max_prompt}"
           f" tokens, outputs {args.min_output}-{args.max_output} tokens, greedy, ignore_eos; "
-          f"{args.dtype} on {args.device}, torch threads {torch.get_num_threads()}")
+          f"{args.dtype} on {args.device}, torch threads {torch.get_num_threads()}, "
+          f"brim tensor_parallel_size {args.tensor_parallel_size}")
     print(f"{'engine':<14}{'seconds':>10}{'output tokens':>15}{'tokens/s':>10}")
     for name, r in results.items():
         print(f"{name:<14}{r['seconds']:>10.1f}{r['output_tokens']:>15}"
               f"{r['output_tokens_per_s']:>10.1f}")
-    print(f"brim / transformers: {ratio:.2f}x")
+    if ratio is not None:
+        print(f"brim / transformers: {ratio:.2f}x")
 
     record = {"date": time.strftime("%Y-%m-%d"), "commit": commit, "machine": platform.node(),
               "cpu_count": torch.get_num_threads(), "args": vars(args), "results": results,

@@ -76,10 +76,16 @@ def _request(spec: DeploymentSpec, checkpoint: CheckpointFacts, memory_bytes: in
 def _tp_sizes(spec: DeploymentSpec, checkpoint: CheckpointFacts, gpus_per_node: int,
               max_tp: int) -> list[int]:
     allowed = [tp for tp in checkpoint.model.tensor_parallel_sizes() if tp <= max_tp]
-    if spec.gpu_count != "auto":
-        return [spec.gpu_count] if spec.gpu_count in allowed and spec.gpu_count <= gpus_per_node \
-            else []
+    if spec.gpu_count != "auto":  # any size the runtime can split the model over (3 too)
+        count = spec.gpu_count
+        fits = checkpoint.model.splits_evenly(count) and count <= min(max_tp, gpus_per_node)
+        return [count] if fits else []
     return [tp for tp in allowed if tp <= gpus_per_node]
+
+
+def _splitting_sizes(checkpoint: CheckpointFacts) -> list[int]:
+    facts = checkpoint.model
+    return [n for n in range(1, facts.num_attention_heads + 1) if facts.splits_evenly(n)]
 
 
 def _preference(spec: DeploymentSpec, candidate: Candidate) -> tuple:
@@ -114,8 +120,10 @@ def decide(spec: DeploymentSpec, checkpoint: CheckpointFacts, classes: list[GpuC
             wanted = spec.gpu_count
             candidates.append(Candidate(gpu_class, 0, None, (
                 f"{gpu_class.product}: {gpu_class.max_gpus_per_node} GPU(s) per node; "
-                + (f"spec.gpu.count {wanted} does not divide the model's {heads} attention "
-                   f"heads or exceeds the GPUs of one node" if wanted != "auto" else
+                + (f"spec.gpu.count {wanted} does not split the model's {heads} attention "
+                   f"heads (use one of {_splitting_sizes(checkpoint)}) or exceeds the GPUs of "
+                   f"one node or --max-tensor-parallel-size {max_tensor_parallel_size}"
+                   if wanted != "auto" else
                    "no tensor-parallel size of 1, 2, 4, 8 fits one node and the heads"))))
             continue
         for tp in sizes:

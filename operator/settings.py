@@ -36,9 +36,9 @@ class OperatorSettings:
     hf_endpoint: passed to the runtime pods as HF_ENDPOINT (a mirror), when set.
     load_bytes_per_second: how fast a replica is assumed to read its weights, to size the
         start-up probe's allowance (downloads from the hub: hub_bytes_per_second).
-    max_tensor_parallel_size: the most GPUs per replica plans may use: what the runtime image
-        runs. brim's runtime serves on one GPU until tensor parallelism lands in it; plans
-        that need more GPUs are refused with the GPU that would fit instead.
+    max_tensor_parallel_size: the most GPUs per replica plans may use (the runtime splits a
+        model over them with tensor parallelism). 8, the most GPUs one node usually has and
+        the largest size "auto" considers; lower it to keep replicas on fewer GPUs.
     """
 
     runtime_image: str = DEFAULT_RUNTIME_IMAGE
@@ -56,4 +56,4 @@ class OperatorSettings:
     hub_bytes_per_second: float = 50e6
     runtime_port: int = 8000
     run_as_user: int = 10001
-    max_tensor_parallel_size: int = 1
+    max_tensor_parallel_size: int = 8

@@ -158,6 +158,29 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ParallelConfig:
+    """How one copy of the model is split over devices.
+
+    tensor_parallel_size: ranks (processes, one device each) that each hold a slice of every
+        layer (runtime/models/parallel.py); 1 runs in the calling process with no workers.
+    pipeline_parallel_size: only 1 (pipeline parallelism is not implemented).
+    """
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError(
+                f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.pipeline_parallel_size != 1:
+            raise ValueError(
+                f"pipeline_parallel_size={self.pipeline_parallel_size} is not supported: brim "
+                "splits a model over devices with tensor parallelism only. Use "
+                "pipeline_parallel_size=1 and tensor_parallel_size=N instead.")
+
+
+@dataclass(frozen=True, slots=True)
 class EngineConfig:
     model: ModelConfig
     cache: CacheConfig
@@ -165,6 +188,7 @@ class EngineConfig:
     device: str = "cpu"
     seed: int = 0
     speculative: SpeculativeConfig | None = None  # engine/speculative.py; None: off
+    parallel: ParallelConfig = ParallelConfig()
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -172,6 +196,8 @@ class EngineConfig:
         if self.scheduler.max_model_len != self.model.max_model_len:
             raise ValueError(f"the scheduler's max_model_len ({self.scheduler.max_model_len}) "
                              f"must be the model's ({self.model.max_model_len})")
+        if self.parallel.tensor_parallel_size > 1:
+            self.model.facts.check_tensor_parallel_size(self.parallel.tensor_parallel_size)
         # A cache capped below one full-length request can be refused before any weight loads.
         cap = self.cache.num_gpu_blocks
         if (cap is not None and not self.model.auto_max_model_len
@@ -201,9 +227,12 @@ class EngineConfig:
         seed: int = 0,
         device: str = "cpu",
         speculative_config: dict | str | SpeculativeConfig | None = None,
+        tensor_parallel_size: int = 1,
+        pipeline_parallel_size: int = 1,
     ) -> "EngineConfig":
         if device not in DEVICES:
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        parallel_config = ParallelConfig(tensor_parallel_size, pipeline_parallel_size)
         model_config = ModelConfig.from_path(
             model,
             dtype=dtype,
@@ -228,4 +257,5 @@ class EngineConfig:
             enable_prefix_caching=enable_prefix_caching,
         )
         return cls(model_config, cache_config, scheduler_config, device=device, seed=seed,
-                   speculative=SpeculativeConfig.parse(speculative_config))
+                   speculative=SpeculativeConfig.parse(speculative_config),
+                   parallel=parallel_config)

@@ -25,6 +25,8 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--max-model-len", default=None)
     p.add_argument("--num-gpu-blocks", type=int, default=None)
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="split the model over N ranks (processes), as brim serve does")
     p.add_argument("--cache-dir", default=None, help="where the bundled model is converted "
                    "(default: $BRIM_CACHE_DIR or ~/.cache/brim)")
     p.set_defaults(func=run_generate)
@@ -33,10 +35,12 @@ def register(subparsers) -> None:
 def run_generate(args: argparse.Namespace) -> int:
     from brim.runtime import LLM, SamplingParams
 
+    llm = None
     try:
         llm = LLM(args.model, dtype=args.dtype, device=args.device,
                   max_model_len=args.max_model_len, num_gpu_blocks=args.num_gpu_blocks,
-                  cache_dir=args.cache_dir, revision=args.revision)
+                  cache_dir=args.cache_dir, revision=args.revision,
+                  tensor_parallel_size=args.tensor_parallel_size)
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p,
                                 top_k=args.top_k, seed=args.seed, max_tokens=args.max_tokens)
         if args.chat:
@@ -48,6 +52,9 @@ def run_generate(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"brim generate: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if llm is not None:
+            llm.shutdown()
     for prompt, output in zip(args.prompts, outputs):
         if len(args.prompts) > 1:
             print(f"### {prompt}")

@@ -38,7 +38,7 @@ def register(subparsers) -> None:
     gpu = parser.add_mutually_exclusive_group(required=True)
     gpu.add_argument("--gpu-memory", help="memory of one GPU, e.g. 80GiB, 81559MiB, 80GB")
     gpu.add_argument("--gpu", help="GPU product, e.g. NVIDIA-H100-80GB-HBM3 or H100-80GB")
-    parser.add_argument("--tensor-parallel-size", type=_auto_or_int, default=1,
+    parser.add_argument("--tensor-parallel-size", "-tp", type=_auto_or_int, default=1,
                         help="GPUs per replica, or auto (default 1)")
     parser.add_argument("--num-gpus", type=int, default=None,
                         help="GPUs available, bounding --tensor-parallel-size auto")

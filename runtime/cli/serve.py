@@ -80,7 +80,12 @@ def register(subparsers) -> None:
                         help="reuse the KV of shared prompt prefixes; "
                         "--no-enable-prefix-caching turns it off")
     engine.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
-                        help="GPUs per model copy (brim's engine runs on one: only 1)")
+                        help="split the model over N ranks, one process and GPU each (NCCL on "
+                             "CUDA, gloo on CPU); N must divide the attention heads (default 1: "
+                             "no worker processes)")
+    engine.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
+                        help="only 1: brim has no pipeline parallelism (use "
+                             "--tensor-parallel-size)")
     engine.add_argument("--seed", type=int, default=0, help="seed of requests without their own")
     engine.add_argument("--speculative-config", default=None, metavar="JSON",
                         help='speculative decoding, as vLLM\'s: \'{"method": "ngram", '
@@ -165,10 +170,6 @@ def request_limits(args: argparse.Namespace) -> admission.RequestLimits:
 
 def create_engine(args: argparse.Namespace):
     """Build the engine from the flags (`--max-model-len auto` is resolved by the engine)."""
-    if args.tensor_parallel_size != 1:
-        raise ValueError(f"--tensor-parallel-size {args.tensor_parallel_size} is not supported: "
-                         "brim's engine runs a model on one GPU. Use 1, or a model that fits "
-                         "one GPU.")
     from brim.runtime.config import EngineConfig
     from brim.runtime.engine.engine import Engine
     from brim.runtime.engine.llm import resolve_device
@@ -189,7 +190,9 @@ def create_engine(args: argparse.Namespace):
         gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=args.enable_prefix_caching,
         allow_long_max_model_len=args.allow_long_max_model_len, seed=args.seed,
-        device=resolve_device(args.device), speculative_config=args.speculative_config)
+        device=resolve_device(args.device), speculative_config=args.speculative_config,
+        tensor_parallel_size=args.tensor_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size)
     return Engine(config, request_limits(args))
 
 
@@ -278,12 +281,23 @@ def run_serve(args: argparse.Namespace) -> int:
     log_memory_plan(engine, args.host, args.port, names[0])
     server = _server_class()(uvicorn.Config(app, log_level=args.uvicorn_log_level,
                                             lifespan="on"))
+    # An engine that can run no further step (a tensor-parallel worker died) ends the server.
+    app.state.brim.engine.on_dead = lambda exc: setattr(server, "should_exit", True)
     # uvicorn restores the handlers it found when it stops and raises the signal it caught
     # again: found the default SIGTERM handler, the process would die of it (exit 143)
     # after the graceful shutdown. Handlers that do nothing make that a plain exit 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _already_handled)
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    finally:
+        shutdown = getattr(engine, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+    dead = app.state.brim.engine.dead
+    if dead is not None:
+        print(f"brim serve: {dead}", file=sys.stderr)
+        return 1
     return 0
 
 

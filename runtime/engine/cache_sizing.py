@@ -9,6 +9,7 @@ max_model_len could use. `num_gpu_blocks` caps either (on CPU it is the exact co
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from brim.runtime.config import EngineConfig
 from brim.runtime.engine.errors import KVCacheTooSmallError
@@ -20,12 +21,18 @@ logger = logging.getLogger(__name__)
 
 
 def kv_bytes_per_token(config: EngineConfig) -> int:
-    """What one token's K and V cost in this engine (the KV cache is in the model dtype)."""
-    return config.model.facts.kv_bytes_per_token(MODEL_DTYPE_BYTES[config.model.dtype])
+    """What one token's K and V cost on one rank (the KV cache is in the model dtype)."""
+    return config.model.facts.kv_bytes_per_token(MODEL_DTYPE_BYTES[config.model.dtype],
+                                                 config.parallel.tensor_parallel_size)
 
 
-def size_kv_cache(config: EngineConfig, model, weights_bytes: int) -> MemoryReport:
-    """The memory report of an engine whose weights are loaded (`model`)."""
+def size_kv_cache(config: EngineConfig, model, weights_bytes: int,
+                  agree: Callable[[int], int] | None = None) -> MemoryReport:
+    """The memory report of an engine whose weights are loaded (`model`).
+
+    agree: under tensor parallelism, every rank's block count -> the one all use (the
+    smallest: each rank holds the same blocks of its own KV heads). Figures are per rank.
+    """
     cache = config.cache
     per_token = kv_bytes_per_token(config)
     block_bytes = per_token * cache.block_size
@@ -41,6 +48,8 @@ def size_kv_cache(config: EngineConfig, model, weights_bytes: int) -> MemoryRepo
         num_blocks = cache.num_gpu_blocks
     else:
         num_blocks = _cpu_num_blocks(config, block_bytes)
+    if agree is not None:
+        num_blocks = agree(num_blocks)
     max_model_len = requested
     if config.model.auto_max_model_len:
         max_model_len = min(requested, num_blocks * cache.block_size) or requested
@@ -85,7 +94,8 @@ def _predict(config: EngineConfig, gpu_memory_bytes: int) -> MemoryUse | None:
             max_model_len=config.model.max_model_len,
             max_num_seqs=config.scheduler.max_num_seqs,
             max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
-            block_size=config.cache.block_size, dtype=config.model.dtype))
+            block_size=config.cache.block_size, dtype=config.model.dtype,
+            tensor_parallel_size=config.parallel.tensor_parallel_size))
     except (ValueError, KeyError) as exc:  # a prediction never stops a measured start
         logger.warning("could not predict memory for comparison: %s", exc)
         return None
@@ -96,6 +106,8 @@ def _cpu_num_blocks(config: EngineConfig, block_bytes: int) -> int:
     import psutil
 
     cache = config.cache
-    budget = psutil.virtual_memory().available * cache.cpu_kv_cache_fraction
+    # Tensor-parallel ranks on one CPU share its RAM: each takes its part of the fraction.
+    budget = (psutil.virtual_memory().available * cache.cpu_kv_cache_fraction
+              / config.parallel.tensor_parallel_size)
     most_useful = config.scheduler.max_num_seqs * -(-config.model.max_model_len // cache.block_size)
     return min(int(budget // block_bytes), most_useful)

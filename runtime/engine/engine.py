@@ -21,6 +21,7 @@ from brim.runtime.config import EngineConfig
 from brim.runtime.engine.admission import Limits, RequestLimits, admit
 from brim.runtime.engine.cache_sizing import fit_max_model_len, size_kv_cache
 from brim.runtime.engine.detokenizer import IncrementalDetokenizer, find_stop
+from brim.runtime.engine.errors import EngineDeadError
 from brim.runtime.engine.kv_cache_manager import KVCacheManager
 from brim.runtime.engine.model_runner import ModelRunner
 from brim.runtime.engine.outputs import CompletionOutput, Logprob, RequestOutput
@@ -88,16 +89,46 @@ class Engine:
     def __init__(self, config: EngineConfig,
                  request_limits: RequestLimits | None = None) -> None:
         started = time.monotonic()
-        model_config = config.model
+        # Tensor parallelism: ranks 1..N-1 start in their own processes (engine/workers.py)
+        # and do the same start-up beside this one, rank 0.
+        self.workers = None
+        if config.parallel.tensor_parallel_size > 1:
+            from brim.runtime.engine.workers import TensorParallelWorkers
+
+            self.workers = TensorParallelWorkers(config)
+        try:
+            self._start(config, request_limits)
+        except BaseException:
+            self.shutdown()
+            raise
+        self._log_start(time.monotonic() - started)
+
+    def _start(self, config: EngineConfig, request_limits: RequestLimits | None) -> None:
+        model_config, workers = config.model, self.workers
         self.model = load_model(model_config.path, model_config.facts, model_config.dtype,
-                                config.device)
+                                config.device, group=workers and workers.group)
         self.tokenizer = load_tokenizer(model_config.path)
-        self.memory_report = size_kv_cache(config, self.model, model_weights_bytes(self.model))
+        weights = model_weights_bytes(self.model)
+        measured: list[int] = []  # this rank's block count before the ranks agree
+
+        def agree(num_blocks: int) -> int:
+            measured.append(num_blocks)
+            return workers.agree(num_blocks)
+
+        self.memory_report = size_kv_cache(config, self.model, weights,
+                                           agree=agree if workers else None)
         self.config = fit_max_model_len(config, self.memory_report)
         self.kv_cache = KVCacheManager(self.num_gpu_blocks, config.cache.block_size,
                                        config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(self.config.scheduler, self.kv_cache)
-        self.runner = ModelRunner(self.config, self.model, self.num_gpu_blocks)
+        if workers is None:
+            self.runner = ModelRunner(self.config, self.model, self.num_gpu_blocks)
+        else:
+            from brim.runtime.engine.workers import RankReport, kv_cache_bytes
+
+            self.runner = workers.runner(self.config, self.model, self.num_gpu_blocks)
+            workers.collect_reports(RankReport(0, weights, self.model.load_stats.num_bytes_read,
+                                               measured[0], kv_cache_bytes(self.runner)))
 
         # The tokenizer may name an EOS of its own beside config.json's and
         # generation_config.json's; transformers stops at any of them.
@@ -116,7 +147,11 @@ class Engine:
         self.num_spec_draft_tokens = 0  # guesses checked
         self.num_spec_accepted_tokens = 0
         self.num_spec_emitted_tokens = 0  # accepted + the target's own, over those steps
-        self._log_start(time.monotonic() - started)
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers, if any (idempotent; a TP=1 engine has none)."""
+        if self.workers is not None:
+            self.workers.shutdown()
 
     @property
     def max_model_len(self) -> int:
@@ -135,6 +170,12 @@ class Engine:
         logger.info("model %s loaded in %.1f s: weights %.2f GiB (%s) on %s",
                     self.config.model.path.name, seconds, report.weights_bytes / 2**30,
                     self.config.model.dtype, self.config.device)
+        if self.workers is not None:
+            for r in self.workers.reports:
+                logger.info("tensor-parallel rank %d: weights %.3f GiB (read %.3f GiB of the "
+                            "checkpoint), KV cache %.3f GiB (%d blocks measured, %d agreed)",
+                            r.rank, r.weights_bytes / 2**30, r.num_bytes_read / 2**30,
+                            r.kv_cache_bytes / 2**30, r.num_gpu_blocks, report.num_gpu_blocks)
         if report.predicted is not None and report.measured is not None:
             logger.info("KV blocks predicted %d, measured %d; non-KV memory predicted %.2f GiB, "
                         "measured %.2f GiB", report.predicted.num_gpu_blocks,
@@ -261,6 +302,8 @@ class Engine:
                   if s.request.generator is not None}
         try:
             return self._run(out.scheduled), {}
+        except EngineDeadError:
+            raise  # no request is to blame: nothing runs any more
         except Exception as exc:
             logger.warning("engine step over %d requests failed (%r); running it again in "
                            "parts to find the request(s) it fails on", len(out.scheduled), exc)
@@ -279,6 +322,8 @@ class Engine:
                         s.request.generator.set_state(rewind[s.request.req_id])
                 try:
                     sampled.update(self._run(part))
+                except EngineDeadError:
+                    raise
                 except Exception as exc:
                     pending.append((part, exc))
         for req_id, error in errors.items():

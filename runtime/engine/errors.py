@@ -114,3 +114,28 @@ class KVCacheTooSmallError(ValueError):
         self.capacity = capacity
         self.max_model_len = max_model_len
         self.report = report
+
+
+class EngineDeadError(RuntimeError):
+    """The engine can run no further step (a tensor-parallel rank is gone): the requests in
+    flight fail, and whoever serves the engine should shut it down rather than retry."""
+
+
+class WorkerDiedError(EngineDeadError):
+    """A tensor-parallel worker process ended while the engine ran.
+
+    rank, pid: the worker's; exitcode: multiprocessing's (negative: killed by that signal).
+    """
+
+    def __init__(self, rank: int, pid: int | None, exitcode: int | None, during: str) -> None:
+        self.rank, self.pid, self.exitcode = rank, pid, exitcode
+        if exitcode is not None and exitcode < 0:
+            import signal
+
+            how = f"was killed by {signal.Signals(-exitcode).name}"
+        else:
+            how = f"exited with code {exitcode}"
+        super().__init__(
+            f"tensor-parallel worker rank {rank} (pid {pid}) {how} during {during}; the "
+            "engine cannot continue without it and has stopped its other workers. Check that "
+            "rank's log above (out of memory is the usual cause) and start the engine again.")

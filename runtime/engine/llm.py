@@ -36,6 +36,10 @@ class LLM:
         "auto" (the model's own, lowered to what the KV cache holds instead of refusing).
     num_gpu_blocks: caps the KV cache at that many blocks. On CPU the default is
         10% of the RAM available at start-up (CacheConfig.cpu_kv_cache_fraction).
+    tensor_parallel_size: split the model over that many ranks, one process (and GPU) each
+        (NCCL on CUDA, gloo on CPU); this process is rank 0. Call `shutdown()` (or use the
+        LLM as a context manager) to stop the workers before the interpreter exits.
+    pipeline_parallel_size: only 1.
     """
 
     def __init__(
@@ -56,6 +60,8 @@ class LLM:
         cache_dir: str | None = None,
         revision: str | None = None,
         speculative_config: dict | None = None,
+        tensor_parallel_size: int = 1,
+        pipeline_parallel_size: int = 1,
     ) -> None:
         if model is not None:
             from brim.runtime.models.hub import resolve_model
@@ -79,9 +85,29 @@ class LLM:
             seed=seed,
             device=resolve_device(device),
             speculative_config=speculative_config,
+            tensor_parallel_size=tensor_parallel_size,
+            pipeline_parallel_size=pipeline_parallel_size,
         )
         self.engine = Engine(config)
         self._ids = itertools.count()
+
+    @classmethod
+    def from_engine(cls, engine: Engine) -> "LLM":
+        """An LLM over an engine built elsewhere (one engine shared with a server, say)."""
+        llm = cls.__new__(cls)
+        llm.engine = engine
+        llm._ids = itertools.count()
+        return llm
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers (a no-op at tensor_parallel_size=1)."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
 
     def get_tokenizer(self):
         return self.engine.tokenizer

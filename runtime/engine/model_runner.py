@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from brim.kernels.cpu_attention import CpuAttentionPlan
@@ -10,6 +12,19 @@ from brim.runtime.engine.sampler import Sampler
 from brim.runtime.engine.scheduler import SchedulerOutput
 from brim.runtime.models.llama import AttentionMetadata, LlamaForCausalLM
 from brim.runtime.models.loader import TORCH_DTYPES
+
+
+@dataclass(slots=True)
+class StepInputs:
+    """One step's flat model inputs, on the host (what rank 0 sends the other TP ranks)."""
+
+    input_ids: list[int]  # [num_tokens]
+    positions: list[int]  # [num_tokens]
+    slot_mapping: list[int]  # [num_tokens]: block_id * block_size + offset
+    block_tables: list[list[int]]  # [num_seqs][max_blocks], padded with 0
+    query_start_loc: list[int]  # [num_seqs + 1]
+    seq_lens: list[int]  # [num_seqs]
+    logits_rows: list[int]  # rows of the hidden states whose next token is sampled
 
 
 class ModelRunner:
@@ -21,7 +36,8 @@ class ModelRunner:
         self.backend = "triton" if self.device.type == "cuda" else "torch"
         facts = model.facts
         dtype = TORCH_DTYPES[config.model.dtype]
-        shape = (num_blocks, self.block_size, facts.num_kv_heads, facts.head_dim)
+        num_kv_heads = facts.num_kv_heads_per_gpu(config.parallel.tensor_parallel_size)
+        shape = (num_blocks, self.block_size, num_kv_heads, facts.head_dim)
         # Per layer (k_cache, v_cache). Zeroed: attention masks unused slots, but a
         # never-written slot must not hold NaN bit patterns either.
         self.kv_caches = [
@@ -40,43 +56,13 @@ class ModelRunner:
         None) per token. One token, or with speculative guesses the accepted ones and one
         more (Sampler.verify).
         """
-        input_ids, positions, slots, query_start, seq_lens, logits_rows = [], [], [], [0], [], []
-        block_tables = [s.block_table for s in out.scheduled]
-        for s in out.scheduled:
-            start, end, table = s.start, s.start + s.num_new_tokens, s.block_table
-            input_ids.extend(s.request.all_token_ids[start:end])
-            input_ids.extend(s.spec_token_ids)  # guesses follow the last token
-            positions.extend(range(start, end))
-            slots.extend(table[p // self.block_size] * self.block_size + p % self.block_size
-                         for p in range(start, end))
-            query_start.append(query_start[-1] + s.num_new_tokens)
-            seq_lens.append(end)
-            if s.samples:
-                logits_rows.extend(range(query_start[-1] - 1 - len(s.spec_token_ids),
-                                         query_start[-1]))
-        max_blocks = max(len(t) for t in block_tables)
-        padded = [t + [0] * (max_blocks - len(t)) for t in block_tables]
-
-        def tensor(values, dtype):
-            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
-
-        md = AttentionMetadata(
-            slot_mapping=tensor(slots, torch.int64),
-            block_tables=tensor(padded, torch.int32),
-            query_start_loc=tensor(query_start, torch.int32),
-            seq_lens=tensor(seq_lens, torch.int32),
-            max_seq_len=max(seq_lens),
-            backend=self.backend,
-        )
-        if self.backend == "torch":  # one plan for every layer of the step
-            md.cpu_plan = CpuAttentionPlan.build(md.block_tables, md.query_start_loc,
-                                                 md.seq_lens, self.block_size)
-        hidden = self.model(tensor(input_ids, torch.int64), tensor(positions, torch.int64),
-                            self.kv_caches, md)
-        if not logits_rows:
+        logits = self.forward(self.prepare(out))
+        if logits is None:
             return None
-        # Logits only where a token is sampled: the vocab matmul is the largest one.
-        logits = self.model.compute_logits(hidden[tensor(logits_rows, torch.int64)])
+        return self.sample(logits, out)
+
+    def sample(self, logits: torch.Tensor, out: SchedulerOutput) -> list[tuple[list[int], list]]:
+        """execute's result from the step's logits (rows: see prepare)."""
         sampling = [s for s in out.scheduled if s.samples]
         if not any(s.spec_token_ids for s in sampling):
             result = self.sampler(logits, [s.request for s in sampling])
@@ -94,7 +80,7 @@ class ModelRunner:
             row += num_rows
         results = []
         if plain:
-            sampled = self.sampler(logits[tensor(plain_rows, torch.int64)], plain)
+            sampled = self.sampler(logits[torch.tensor(plain_rows, device=logits.device)], plain)
             plain_results = iter(zip(sampled.token_ids, sampled.logprobs))
         for i in range(len(sampling)):
             if i in verified:
@@ -103,3 +89,49 @@ class ModelRunner:
                 token, lp = next(plain_results)
                 results.append(([token], [lp]))
         return results
+
+    def prepare(self, out: SchedulerOutput) -> StepInputs:
+        input_ids, positions, slots, query_start, seq_lens, logits_rows = [], [], [], [0], [], []
+        block_tables = [s.block_table for s in out.scheduled]
+        for s in out.scheduled:
+            start, end, table = s.start, s.start + s.num_new_tokens, s.block_table
+            input_ids.extend(s.request.all_token_ids[start:end])
+            input_ids.extend(s.spec_token_ids)  # guesses follow the last token
+            positions.extend(range(start, end))
+            slots.extend(table[p // self.block_size] * self.block_size + p % self.block_size
+                         for p in range(start, end))
+            query_start.append(query_start[-1] + s.num_new_tokens)
+            seq_lens.append(end)
+            if s.samples:
+                logits_rows.extend(range(query_start[-1] - 1 - len(s.spec_token_ids),
+                                         query_start[-1]))
+        max_blocks = max(len(t) for t in block_tables)
+        padded = [t + [0] * (max_blocks - len(t)) for t in block_tables]
+        return StepInputs(input_ids, positions, slots, padded, query_start, seq_lens,
+                          logits_rows)
+
+    @torch.inference_mode()
+    def forward(self, step: StepInputs) -> torch.Tensor | None:
+        """The step through the model: logits [len(logits_rows), vocab], or None when no
+        row samples (and on tensor-parallel ranks other than 0)."""
+
+        def tensor(values, dtype):
+            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+
+        md = AttentionMetadata(
+            slot_mapping=tensor(step.slot_mapping, torch.int64),
+            block_tables=tensor(step.block_tables, torch.int32),
+            query_start_loc=tensor(step.query_start_loc, torch.int32),
+            seq_lens=tensor(step.seq_lens, torch.int32),
+            max_seq_len=max(step.seq_lens),
+            backend=self.backend,
+        )
+        if self.backend == "torch":  # one plan for every layer of the step
+            md.cpu_plan = CpuAttentionPlan.build(md.block_tables, md.query_start_loc,
+                                                 md.seq_lens, self.block_size)
+        hidden = self.model(tensor(step.input_ids, torch.int64),
+                            tensor(step.positions, torch.int64), self.kv_caches, md)
+        if not step.logits_rows:
+            return None
+        # Logits only where a token is sampled: the vocab matmul is the largest one.
+        return self.model.compute_logits(hidden[tensor(step.logits_rows, torch.int64)])

@@ -38,7 +38,10 @@ def model_class(facts: ModelFacts) -> type[LlamaForCausalLM]:
     )
 
 
-def load_model(path: Path, facts: ModelFacts, dtype: str, device: str) -> LlamaForCausalLM:
+def load_model(path: Path, facts: ModelFacts, dtype: str, device: str,
+               group=None) -> LlamaForCausalLM:
+    """The model with its weights; group (models.parallel.TensorParallelGroup): only this
+    rank's share of them, read slice by slice."""
     cls = model_class(facts)
     files = safetensors_files(path)
     if not files:
@@ -46,6 +49,13 @@ def load_model(path: Path, facts: ModelFacts, dtype: str, device: str) -> LlamaF
             f"no *.safetensors in {path}; brim loads safetensors checkpoints only "
             "(convert .bin weights with transformers' save_pretrained(safe_serialization=True))"
         )
+    # -- tensor parallelism (models/parallel.py): the rank's slices instead of whole tensors
+    if group is not None:
+        from brim.runtime.models.parallel import load_sharded_model
+
+        model = load_sharded_model(cls, path, facts, TORCH_DTYPES[dtype], device, group)
+        return _finish(model, device)
+    # --
     with torch.device("meta"):
         model = cls(facts)
     torch_dtype = TORCH_DTYPES[dtype]
@@ -76,6 +86,11 @@ def load_model(path: Path, facts: ModelFacts, dtype: str, device: str) -> LlamaF
     if facts.tie_word_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
+    return _finish(model, device)
+
+
+def _finish(model: LlamaForCausalLM, device: str) -> LlamaForCausalLM:
+    """What every loaded model gets: its RoPE table, inference mode, packed CPU matmuls."""
     model.rotary.build(device)
     model = model.eval().requires_grad_(False)
     if device == "cpu":

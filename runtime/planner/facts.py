@@ -158,6 +158,25 @@ class ModelFacts:
         return (2 * self.num_layers * self.num_kv_heads_per_gpu(tensor_parallel_size)
                 * self.head_dim * element_bytes)
 
+    def splits_evenly(self, tensor_parallel_size: int) -> bool:
+        """Whether brim's tensor parallelism can split this model over that many ranks: the
+        attention heads and the MLP evenly, the KV heads evenly or as whole replicated heads."""
+        tp = tensor_parallel_size
+        return (tp >= 1 and self.num_attention_heads % tp == 0
+                and self.intermediate_size % tp == 0
+                and (self.num_kv_heads % tp == 0 or tp % self.num_kv_heads == 0))
+
+    def check_tensor_parallel_size(self, tensor_parallel_size: int) -> None:
+        """Raise ValueError naming the sizes that work when this one does not."""
+        if self.splits_evenly(tensor_parallel_size):
+            return
+        sizes = [n for n in range(1, self.num_attention_heads + 1) if self.splits_evenly(n)]
+        raise ValueError(
+            f"tensor_parallel_size={tensor_parallel_size} does not split this model: it must "
+            f"divide the {self.num_attention_heads} attention heads and the MLP's "
+            f"{self.intermediate_size} features, and divide or be a multiple of the "
+            f"{self.num_kv_heads} KV heads. Use one of {sizes}.")
+
     def tensor_parallel_sizes(self, candidates=TENSOR_PARALLEL_SIZES) -> list[int]:
         """The candidates that split the attention heads evenly and the KV heads evenly
         (or replicate whole KV heads when the GPUs outnumber them)."""
@@ -467,6 +486,10 @@ _VOCAB_PARALLEL = ("embed_tokens.weight", "wte.weight", "lm_head.weight",
                    "proj_out.weight")
 # Key/value projections: replicated when there are fewer KV heads than GPUs.
 _KV_PROJECTIONS = ("k_proj.weight", "v_proj.weight", "k_proj.bias", "v_proj.bias")
+# Biases of column-parallel layers: split with their layer's output features (the biases of
+# row-parallel layers are replicated, added once after the all-reduce).
+_COLUMN_PARALLEL_BIASES = ("q_proj.bias", "k_proj.bias", "v_proj.bias", "gate_proj.bias",
+                           "up_proj.bias")
 
 
 def tensor_bytes_per_gpu(tensor: TensorInfo, dtype_bytes: int, tensor_parallel_size: int,
@@ -475,13 +498,16 @@ def tensor_bytes_per_gpu(tensor: TensorInfo, dtype_bytes: int, tensor_parallel_s
 
     Embeddings and output projections are vocabulary-parallel (padded shards); K/V
     projections split over at most num_kv_heads GPUs; other matrices split evenly;
-    vectors (norms, biases) and position embeddings are replicated.
+    column-parallel biases (q/k/v, gate/up) split with their layer; other vectors (norms,
+    row-parallel biases) and position embeddings are replicated.
     """
     element_bytes = (dtype_bytes if tensor.dtype in SAFETENSORS_FLOAT_DTYPES
                      else SAFETENSORS_DTYPE_BYTES[tensor.dtype])
     tp = tensor_parallel_size
     name = tensor.name
-    if tp == 1 or len(tensor.shape) < 2 or "wpe" in name or "embed_positions" in name:
+    is_split_vector = len(tensor.shape) == 1 and name.endswith(_COLUMN_PARALLEL_BIASES)
+    if (tp == 1 or (len(tensor.shape) < 2 and not is_split_vector) or "wpe" in name
+            or "embed_positions" in name):
         return tensor.num_elements * element_bytes
     if name.endswith(_VOCAB_PARALLEL):
         rows = vocab_rows_per_gpu(tensor.shape[0], tp)

@@ -16,7 +16,8 @@ from dataclasses import dataclass, replace
 
 from brim.runtime.planner.dtypes import (KV_CACHE_DTYPE_BYTES, MODEL_DTYPE_BYTES, resolve_dtype,
                                          resolve_kv_cache_dtype)
-from brim.runtime.planner.facts import TENSOR_PARALLEL_SIZES, CheckpointFacts, ModelFacts
+from brim.runtime.planner.facts import (TENSOR_PARALLEL_SIZES, CheckpointFacts, ModelFacts,
+                                        vocab_rows_per_gpu)
 from brim.runtime.planner.lengths import (DEFAULT_MAX_NUM_SEQS, default_max_num_batched_tokens,
                                           is_auto, max_model_len_of, parse_token_count)
 from brim.runtime.planner.report import MemoryUse
@@ -40,7 +41,8 @@ LIBRARY_WORKSPACE_BYTES = 224 * MiB
 # Measured as the constant in peak = c + tokens x per-token bytes (33.8 MB on the H100).
 CUBLAS_WORKSPACE_BYTES = 32 * MiB
 # NCCL buffers per peer when TP > 1: NCCL_BUFFSIZE (4 MiB) x channels (up to 32 on NVLink),
-# per the NCCL environment-variable docs: 128 MiB per peer. Not measured (brim runs TP=1).
+# per the NCCL environment-variable docs: 128 MiB per peer. Not yet measured on a GPU (brim's
+# TP has run on CPU with gloo only, whose buffers are not in this figure).
 NCCL_BYTES_PER_PEER = 128 * MiB
 # Bytes per logit the sampler holds beyond the lm_head's output: float32 logits, sort
 # values and order, probabilities. Measured 20-20.2 bytes (SmolLM2's 49152 and Llama-3's
@@ -183,8 +185,6 @@ class PlanRequest:
             raise ValueError(f"min_concurrency must be >= 1, got {self.min_concurrency}")
         if self.device not in ("cuda", "cpu"):
             raise ValueError(f"device must be 'cuda' or 'cpu', got {self.device!r}")
-        if self.device == "cpu" and self.tensor_parallel_size not in (1, "1"):
-            raise ValueError("tensor_parallel_size must be 1 on CPU")
         if self.extra_non_kv_bytes < 0:
             raise ValueError(f"extra_non_kv_bytes must be >= 0, got {self.extra_non_kv_bytes}")
         if not is_auto(self.gpu_memory_utilization):
@@ -285,12 +285,7 @@ def plan(request: PlanRequest) -> Plan:
                       and (num_gpus is None or tp <= num_gpus)] or [1]
     else:
         tp = int(request.tensor_parallel_size)
-        if tp < 1 or facts.num_attention_heads % tp:
-            raise ValueError(
-                f"tensor_parallel_size={tp} must be >= 1 and divide the model's "
-                f"{facts.num_attention_heads} attention heads; use one of "
-                f"{[n for n in TENSOR_PARALLEL_SIZES if facts.num_attention_heads % n == 0]}"
-                " or 'auto'")
+        facts.check_tensor_parallel_size(tp)
         candidates = [tp]
     result = None
     for tp in candidates:
@@ -345,8 +340,8 @@ def _plan_one(inputs: _Inputs, tp: int, utilization: float | str) -> Plan:
     weights += rope_table_bytes(facts)
     if on_cpu and facts.tie_word_embeddings:
         # The CPU runtime packs the output projection for oneDNN (models/cpu_linear.py): a
-        # tied embedding is then held twice.
-        weights += facts.vocab_size * facts.hidden_size * dtype_bytes
+        # tied embedding (each rank's vocabulary shard under TP) is then held twice.
+        weights += vocab_rows_per_gpu(facts.vocab_size, tp) * facts.hidden_size * dtype_bytes
     non_torch = CPU_RUNTIME_BYTES if on_cpu else non_torch_bytes(tp)
     activations = activation_bytes(facts, dtype_bytes, num_tokens,
                                    min(request.max_num_seqs, num_tokens), tp,

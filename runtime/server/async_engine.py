@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from brim.runtime.engine.admission import Limits, admit_all
+from brim.runtime.engine.errors import EngineDeadError
 from brim.runtime.engine.outputs import RequestOutput
 from brim.runtime.planner.report import MemoryReport
 from brim.runtime.sampling_params import SamplingParams
@@ -147,6 +148,8 @@ class AsyncEngine:
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._ended: Exception | None = None  # set by end_all: later adds are refused with it
+        self.dead: EngineDeadError | None = None  # why the engine can run no further step
+        self.on_dead = None  # called with that error (brim serve: exit)
         self.stats = engine.get_stats()
         self.num_steps = 0
 
@@ -260,6 +263,14 @@ class AsyncEngine:
             step_start = time.monotonic()
             try:
                 outputs = await self.thread.run(engine.step)
+            except EngineDeadError as exc:  # nothing will run again: fail all, then stop
+                logger.critical("the engine is dead: %s", exc)
+                self.dead = exc
+                self._ended = EngineStepError(f"the engine is dead: {exc}")
+                self._fail_all(self._ended)
+                if self.on_dead is not None:
+                    self.on_dead(exc)
+                return
             except Exception as exc:  # one bad step must not take the server down
                 logger.exception("engine step failed; aborting the %d requests in flight",
                                  len(self._streams))

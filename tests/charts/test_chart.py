@@ -355,7 +355,7 @@ def test_operator_runs_with_the_operators_own_defaults(rendered):
     assert args.cpu_resources == settings.cpu_resources
     assert args.tolerations == list(settings.tolerations) == []
     assert args.termination_grace_seconds == settings.termination_grace_seconds
-    assert args.max_tensor_parallel_size == settings.max_tensor_parallel_size == 1
+    assert args.max_tensor_parallel_size == settings.max_tensor_parallel_size == 8
     assert args.resync_seconds == settings.resync_seconds
     assert args.hf_endpoint is None
     assert args.liveness_port == 8080 and args.log_format == "json" and not args.verbose

@@ -91,6 +91,20 @@ def test_an_explicit_gpu_count_is_used_or_refused():
     assert not too_many.fits and "spec.gpu.count 8" in too_many.candidates[0].reason
 
 
+def test_an_explicit_gpu_count_may_be_any_size_that_splits_the_heads():
+    # SmolLM2: 9 heads, 3 KV heads, MLP 1536: 3 GPUs split it (the runtime runs TP=3); 2 do
+    # not (nor do 9: 1536 / 9), and the refusal names the sizes that do.
+    nodes = [gpu_node("l4", "NVIDIA-L4", 4, 23034)]
+    three = _decide(nodes, "SmolLM2-135M-Instruct", gpu={"count": 3},
+                    engine={"maxModelLen": "8k"})
+    assert three.fits and three.chosen.tensor_parallel_size == 3
+    two = _decide(nodes, "SmolLM2-135M-Instruct", gpu={"count": 2}, engine={"maxModelLen": "8k"})
+    assert not two.fits and "use one of [1, 3]" in two.candidates[0].reason
+    capped = _decide(nodes, "SmolLM2-135M-Instruct", max_tp=1, gpu={"count": 3},
+                     engine={"maxModelLen": "8k"})
+    assert not capped.fits and "--max-tensor-parallel-size 1" in capped.candidates[0].reason
+
+
 def test_a_node_without_labels_uses_spec_gpu_memory_or_says_it_needs_it():
     nodes = [gpu_node("bare", None, 1)]
     unknown = _decide(nodes, engine={"maxModelLen": "8k"})

@@ -12,6 +12,24 @@ def bundled_model_dir():
     return bundled_model_path()
 
 
+# One tensor-parallel engine over the bundled SmolLM2 (9 heads, 3 KV heads: one per rank) for
+# the whole session, shared by the parity test (48 blocks of 16 force preemption) and the
+# openai-client tests: its three processes start once.
+TP3_ENGINE_KWARGS = dict(dtype="float32", max_model_len=768, num_gpu_blocks=48, max_num_seqs=64,
+                         block_size=16, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tp3_engine(bundled_model_dir):
+    from brim.runtime.config import EngineConfig
+    from brim.runtime.engine.engine import Engine
+
+    engine = Engine(EngineConfig.create(bundled_model_dir, device="cpu", tensor_parallel_size=3,
+                                        **TP3_ENGINE_KWARGS))
+    yield engine
+    engine.shutdown()
+
+
 @pytest.fixture(scope="session")
 def hf_bundled_model(bundled_model_dir):
     import torch

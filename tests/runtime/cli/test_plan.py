@@ -82,6 +82,14 @@ def test_bad_input_exits_2_with_the_reason(capsys):
     assert code == 2 and "cannot read 'lots' as a memory size" in err
 
 
+def test_tensor_parallel_size_from_the_command_line(capsys):
+    # Llama-3-8B: 32 heads, 8 KV heads, MLP 14336. At -tp 4 each GPU holds 2 KV heads.
+    code, out, _ = run(capsys, "--config", LLAMA, "--gpu", "L4", "-tp", "4", "--json")
+    assert code == 0 and json.loads(out)["kv_bytes_per_token"] == 131072 // 4
+    code, _, err = run(capsys, "--config", LLAMA, "--gpu", "L4", "-tp", "3")
+    assert code == 2 and "Use one of [1, 2, 4, 8, 16, 32]" in err
+
+
 def test_planner_and_cli_import_no_torch(tmp_path):
     """The operator image has no torch: the planner, the config and the `brim` dispatcher
     (every subcommand's parser, `brim plan` run to the end) must not import it."""

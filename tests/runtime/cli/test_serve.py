@@ -37,11 +37,24 @@ def test_readme_command_serves_and_the_curl_example_answers(bundled_model_dir, t
     assert f"serving SmolLM2-135M-Instruct at {url}/v1" in text
 
 
-def test_tensor_parallel_is_refused_with_a_reason(capsys):
-    assert main(["serve", "--tensor-parallel-size", "2"]) == 2
+def test_a_tensor_parallel_size_that_does_not_split_the_model_is_refused(capsys,
+                                                                          bundled_model_dir):
+    # Refused before any worker starts or weight loads, naming the sizes that work.
+    args = ["serve", "--model", str(bundled_model_dir), "--device", "cpu"]
+    assert main([*args, "-tp", "2"]) == 2
     assert capsys.readouterr().err == (
-        "brim serve: --tensor-parallel-size 2 is not supported: brim's engine runs a model on "
-        "one GPU. Use 1, or a model that fits one GPU.\n")
+        "brim serve: tensor_parallel_size=2 does not split this model: it must divide the 9 "
+        "attention heads and the MLP's 1536 features, and divide or be a multiple of the 3 KV "
+        "heads. Use one of [1, 3].\n")
+
+
+def test_pipeline_parallelism_is_refused_with_a_reason(capsys, bundled_model_dir):
+    assert main(["serve", "--model", str(bundled_model_dir), "--device", "cpu",
+                 "--pipeline-parallel-size", "2"]) == 2
+    assert capsys.readouterr().err == (
+        "brim serve: pipeline_parallel_size=2 is not supported: brim splits a model over "
+        "devices with tensor parallelism only. Use pipeline_parallel_size=1 and "
+        "tensor_parallel_size=N instead.\n")
 
 
 def test_max_model_len_above_the_model_is_refused(capsys, bundled_model_dir):

@@ -1,6 +1,7 @@
 """brim's greedy tokens equal transformers' on the real bundled model, batched, one at a
-time, under preemption and under chunked prefill (tiny random-weight models of each family:
-tests/runtime/models/test_llama.py)."""
+time, under preemption and under chunked prefill, and split over 3 tensor-parallel ranks
+(tiny random-weight models of each family: tests/runtime/models/test_llama.py and
+test_parallel.py)."""
 
 from __future__ import annotations
 
@@ -111,4 +112,24 @@ def test_bundled_model_matches_transformers(bundled_model_dir, parity_prompts, h
     stats = llm.engine.get_stats()
     if scenario == "preemption":
         assert stats.num_preemptions > 0
+    assert stats.num_used_blocks == 0 and stats.num_running == 0 and stats.num_waiting == 0
+
+
+@pytest.mark.slow
+def test_tensor_parallel_3_matches_transformers_batched_and_under_preemption(
+        tp3_engine, parity_prompts, hf_reference):
+    """TP=3 on SmolLM2 (a third of the heads and one KV head per rank, gloo on CPU) gives
+    transformers' tokens, as TP=1 does above: all prompts at once in 48 blocks (preempting),
+    then the chat prompts alone (no preemption)."""
+    llm = LLM.from_engine(tp3_engine)
+    preemptions = tp3_engine.get_stats().num_preemptions
+    got = _generate(llm, parity_prompts)
+    for prompt, want, have in zip(parity_prompts, hf_reference, got):
+        assert have == want, f"prompt of {len(prompt)} tokens diverged"
+    assert tp3_engine.get_stats().num_preemptions > preemptions
+    preemptions = tp3_engine.get_stats().num_preemptions
+    chats = len(CHAT_PROMPTS)
+    assert _generate(llm, parity_prompts[:chats]) == hf_reference[:chats]
+    stats = tp3_engine.get_stats()
+    assert stats.num_preemptions == preemptions
     assert stats.num_used_blocks == 0 and stats.num_running == 0 and stats.num_waiting == 0

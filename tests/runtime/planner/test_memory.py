@@ -227,8 +227,11 @@ def test_missing_config_is_a_clear_error(tmp_path):
 
 
 def test_tensor_parallel_must_divide_heads():
-    with pytest.raises(ValueError, match=r"divide the model's 9 attention heads; use one of \[1\]"):
+    # 9 heads, 3 KV heads, MLP 1536: 3 splits it (9 would not split the MLP).
+    with pytest.raises(ValueError, match=r"must divide the 9 attention heads.*Use one of "
+                                         r"\[1, 3\]"):
         plan(SMOL, gpu_memory_bytes=80 * GiB, tensor_parallel_size=2)
+    assert plan(SMOL, gpu_memory_bytes=80 * GiB, tensor_parallel_size=3).tensor_parallel_size == 3
 
 
 # -- KV bytes -------------------------------------------------------------------------------
@@ -419,5 +422,8 @@ def test_a_cpu_plan_sizes_the_container_memory():
     assert p.weights_bytes == (134_515_008 + 8192 * 2 * 64 + 49152 * 576) * 4
     assert p.fits and p.num_gpu_blocks == (int(2 * GiB * 0.9) - p.non_kv_bytes) // (46080 * 16)
     assert "on CPU" in p.messages[-1]
-    with pytest.raises(ValueError, match="tensor_parallel_size must be 1 on CPU"):
-        plan(SMOL, gpu_memory_bytes=2 * GiB, device="cpu", tensor_parallel_size=2)
+    # Each of 3 CPU ranks: a third of the KV heads, its vocabulary shard (packed twice).
+    p3 = plan(SMOL, gpu_memory_bytes=2 * GiB, device="cpu", max_model_len="4k",
+              max_num_seqs=8, tensor_parallel_size=3)
+    assert p3.kv_bytes_per_token == 46080 // 3
+    assert p3.weights_bytes < p.weights_bytes / 2

@@ -79,6 +79,13 @@ def live_url(server_engine) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
+def live_url_tp3(tp3_engine) -> Iterator[str]:
+    """The bundled model split over 3 tensor-parallel ranks (tests/runtime/conftest.py)."""
+    with serve(tp3_engine) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
 def offline_llm(bundled_model_dir):
     from brim.runtime import LLM
 

@@ -1,4 +1,6 @@
-"""The official `openai` client against a live server with the bundled SmolLM2."""
+"""The official `openai` client against a live server with the bundled SmolLM2, on one
+process and split over 3 tensor-parallel ranks (the same tests, against the same TP=1
+offline reference)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import openai
 import pytest
 
 from brim.runtime.sampling_params import SamplingParams
+from tests.runtime.conftest import TP3_ENGINE_KWARGS
 from tests.runtime.server.conftest import ENGINE_KWARGS, MODEL
 
 pytestmark = pytest.mark.slow
@@ -15,9 +18,15 @@ PROMPT = "The capital of France is"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
+@pytest.fixture(scope="module", params=[1, 3], ids=["tp1", "tp3"])
+def url(request) -> str:
+    """The server at tensor_parallel_size 1, then 3 (module scope: one at a time)."""
+    return request.getfixturevalue("live_url" if request.param == 1 else "live_url_tp3")
+
+
 @pytest.fixture(scope="module")
-def client(live_url) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{live_url}/v1", api_key="unused", max_retries=0,
+def client(url) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0,
                          timeout=60)
 
 
@@ -82,9 +91,9 @@ def test_chat_stream_matches_non_stream(client):
     assert all(c.usage is None for c in chunks)  # no include_usage, no usage
 
 
-def test_stream_ends_with_done(live_url):
+def test_stream_ends_with_done(url):
     body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 4, "stream": True}
-    with httpx.stream("POST", f"{live_url}/v1/completions", json=body, timeout=60) as response:
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         events = [line for line in response.iter_lines() if line]
@@ -198,25 +207,27 @@ def test_multiple_prompts_and_token_ids(client, offline_llm):
         offline_llm.get_tokenizer().encode("1, 2, 3,"))
 
 
-def test_models_health_version_tokenize(live_url, client):
+def test_models_health_version_tokenize(url, client):
     models = client.models.list()
     assert [m.id for m in models.data] == [MODEL]
-    card = httpx.get(f"{live_url}/v1/models").json()["data"][0]
-    assert card["max_model_len"] == ENGINE_KWARGS["max_model_len"]
-    assert httpx.get(f"{live_url}/health").status_code == 200
-    assert httpx.get(f"{live_url}/version").json()["version"]
-    tokenized = httpx.post(f"{live_url}/tokenize", json={"prompt": PROMPT}).json()
+    card = httpx.get(f"{url}/v1/models").json()["data"][0]
+    expected = (ENGINE_KWARGS if url.state.engine.engine.workers is None
+                else TP3_ENGINE_KWARGS)["max_model_len"]
+    assert card["max_model_len"] == expected
+    assert httpx.get(f"{url}/health").status_code == 200
+    assert httpx.get(f"{url}/version").json()["version"]
+    tokenized = httpx.post(f"{url}/tokenize", json={"prompt": PROMPT}).json()
     assert tokenized["count"] == len(tokenized["tokens"]) == 5
-    assert tokenized["max_model_len"] == 256
-    text = httpx.post(f"{live_url}/detokenize", json={"tokens": tokenized["tokens"]}).json()
+    assert tokenized["max_model_len"] == expected
+    text = httpx.post(f"{url}/detokenize", json={"tokens": tokenized["tokens"]}).json()
     assert text == {"prompt": PROMPT}
-    chat = httpx.post(f"{live_url}/tokenize", json={"messages": QUESTION}).json()
+    chat = httpx.post(f"{url}/tokenize", json={"messages": QUESTION}).json()
     full = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=1)
     assert chat["count"] == full.usage.prompt_tokens
 
 
-def test_model_may_be_omitted(live_url):
-    response = httpx.post(f"{live_url}/v1/completions",
+def test_model_may_be_omitted(url):
+    response = httpx.post(f"{url}/v1/completions",
                           json={"prompt": PROMPT, "max_tokens": 2}, timeout=60)
     assert response.status_code == 200
     assert response.json()["model"] == MODEL
