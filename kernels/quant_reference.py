@@ -60,10 +60,17 @@ def _to_int32(words: torch.Tensor) -> torch.Tensor:
 def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, bits: int,
                group_size: int) -> torch.Tensor:
     """W^T [K, N] in float32, rows in qweight's (permuted) order."""
-    q = unpack_rows(qweight, bits)  # [K, N]
-    z = unpack_cols(qzeros, bits)  # [G, N]
-    groups = torch.arange(q.shape[0], device=q.device) // group_size
-    return (q - z[groups]).float() * scales.float()[groups]
+    q = unpack_rows(qweight, bits).float()  # [K, N]; small integers, exact in float32
+    z = unpack_cols(qzeros, bits).float()  # [G, N]
+    num_rows, num_cols = q.shape
+    num_groups = z.shape[0]
+    padding = num_groups * group_size - num_rows  # a partial last group
+    if padding:
+        q = F.pad(q, (0, 0, 0, padding))
+    # (q - z) * s per group, broadcast over the group's rows (no [K, N] gathers)
+    w = q.view(num_groups, group_size, num_cols).sub_(z[:, None, :])
+    w = w.mul_(scales.float()[:, None, :])
+    return w.view(num_groups * group_size, num_cols)[:num_rows]
 
 
 def quant_matmul_ref(

@@ -169,3 +169,36 @@ def test_requested_scheme_must_match_the_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="--quantization gptq needs a checkpoint quantized "
                                          "with GPTQ"):
         LLM(str(plain), device="cpu", quantization="gptq")
+
+
+BUNDLED_SCHEMES = {
+    # SmolLM2's 576 inputs make a partial last group of 64 rows at group size 128.
+    "gptq-4bit-g128-asym-desc_act": {"scheme": "gptq", "bits": 4, "group_size": 128, "desc_act": True},
+    "awq-4bit-g64": {"scheme": "awq", "group_size": 64},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(BUNDLED_SCHEMES))
+def test_bundled_model_quantized_matches_transformers(bundled_model_dir, tmp_path, name):
+    from transformers import AutoModelForCausalLM
+
+    from tests.runtime.engine.test_parity import CHAT_PROMPTS, RAW_PROMPTS
+
+    hf_model = AutoModelForCausalLM.from_pretrained(bundled_model_dir,
+                                                    dtype=torch.float32).eval()
+    path = tmp_path / name
+    quant_packer.write_quantized(hf_model, path, **BUNDLED_SCHEMES[name],
+                                 tokenizer_from=bundled_model_dir)
+    # 8 new tokens: every weight is dequantized once per step on CPU (a few seconds each).
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    llm = LLM(str(path), dtype="float32", device="cpu")
+    tokenizer = llm.get_tokenizer()
+    prompts = [tokenizer.encode(tokenizer.apply_chat_template(
+        c, tokenize=False, add_generation_prompt=True), add_special_tokens=False)
+        for c in CHAT_PROMPTS] + [tokenizer.encode(p) for p in RAW_PROMPTS]
+
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+
+    want = [hf_greedy(hf_model, p, 8) for p in prompts]
+    assert got == want
