@@ -104,7 +104,8 @@ def plan_quant_matmul(x, qweight, qzeros, scales, bias, out, *, bits: int, group
     return [Launch(kernel=_quant_matmul_kernel,
                    grid=(triton.cdiv(num_rows, block_m), triton.cdiv(out_features, block_n)),
                    kwargs={
-        "out_ptr": out, "x_ptr": x, "qweight_ptr": qweight, "qzeros_ptr": qzeros, "scales_ptr": scales,
+        "out_ptr": out, "x_ptr": x, "qweight_ptr": qweight, "qzeros_ptr": qzeros,
+        "scales_ptr": scales,
         "bias_ptr": bias if bias is not None else scales,
         "M": num_rows, "N": out_features, "K": in_features,
         "stride_x_m": x.stride(0), "stride_x_k": x.stride(1),

@@ -38,7 +38,8 @@ def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
     """int [R, C] (0 <= v < 2^bits, R a multiple of PACK) -> int32 [R / PACK, C]."""
     pack = 32 // bits
     rows, cols = values.shape
-    shifted = values.long().reshape(rows // pack, pack, cols) << _shifts(bits, values.device).long()[None, :, None]
+    shifts = _shifts(bits, values.device).long()[None, :, None]
+    shifted = values.long().reshape(rows // pack, pack, cols) << shifts
     return _to_int32(shifted.sum(1))
 
 

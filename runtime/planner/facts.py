@@ -511,8 +511,7 @@ def tensor_bytes_per_gpu(tensor: TensorInfo, dtype_bytes: int, tensor_parallel_s
     tp = tensor_parallel_size
     name = tensor.name
     if quantization is not None:
-        kept = quantized_tensor_bytes(quantization, name, tensor.dtype, tensor.shape,
-                                      shapes or {}, element_bytes, dtype_bytes)
+        kept = quantized_tensor_bytes(quantization, name, tensor.shape, shapes or {})
         if kept is not None:
             return -(-kept // tp)
     is_split_vector = len(tensor.shape) == 1 and name.endswith(_COLUMN_PARALLEL_BIASES)

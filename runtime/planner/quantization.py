@@ -192,9 +192,8 @@ def is_quantized_linear(module_name: str) -> bool:
     return ".layers." in f".{module_name}" and module_name.endswith(LINEAR_SUFFIXES)
 
 
-def quantized_tensor_bytes(spec: QuantizationSpec, name: str, dtype: str, shape: tuple,
-                           shapes: dict[str, tuple], element_bytes: int,
-                           dtype_bytes: int) -> int | None:
+def quantized_tensor_bytes(spec: QuantizationSpec, name: str, shape: tuple,
+                           shapes: dict[str, tuple]) -> int | None:
     """Bytes brim holds for one checkpoint tensor under `spec`, or None where the plain rule
     applies (floats converted to the serving dtype, integers kept as stored).
 

@@ -79,7 +79,9 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     float32 result (it factors out of the sum over K). Elsewhere, and on CPU: the weight is
     dequantized (float32, then x's dtype) and multiplied by torch.
     """
-    if has_fp8_matmul(x.device) and x.shape[0] > 0:
+    # _scaled_mm wants K and N in multiples of 16.
+    if (has_fp8_matmul(x.device) and x.shape[0] > 0 and weight.shape[0] % 16 == 0
+            and weight.shape[1] % 16 == 0):
         x_scale = (x.abs().amax().float() / FP8_E4M3_MAX).clamp(min=1e-12)
         x_fp8 = (x.float() / x_scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
         one = torch.ones((), dtype=torch.float32, device=x.device)

@@ -50,12 +50,12 @@ def brim_greedy(path, num_tokens=16, **kwargs):
 
 
 SCHEMES = {
-    "gptq-4bit-g32-asym-desc_act": {"scheme": "gptq", "bits": 4, "group_size": 32, "desc_act": True},
+    "gptq-4bit-g32-asym-desc_act": {"scheme": "gptq", "bits": 4, "group_size": 32,
+                                    "desc_act": True},
     "gptq-8bit-per-column-sym": {"scheme": "gptq", "bits": 8, "group_size": -1, "sym": True},
-    "gptq_v2-4bit-g32-sym": {"scheme": "gptq", "bits": 4, "group_size": 32, "sym": True, "v1": False},
-    "gptq-8bit-g32-desc_act": {"scheme": "gptq", "bits": 8, "group_size": 32, "desc_act": True},
+    "gptq_v2-4bit-g32-sym": {"scheme": "gptq", "bits": 4, "group_size": 32, "sym": True,
+                             "v1": False},
     "awq-4bit-g32": {"scheme": "awq", "group_size": 32},
-    "awq-4bit-per-column": {"scheme": "awq", "group_size": -1},
     "fp8-per-tensor": {"scheme": "fp8"},
     "compressed-tensors-fp8-per-channel": {"scheme": "compressed-tensors", "per_channel": True},
 }
@@ -173,7 +173,8 @@ def test_requested_scheme_must_match_the_checkpoint(tmp_path):
 
 BUNDLED_SCHEMES = {
     # SmolLM2's 576 inputs make a partial last group of 64 rows at group size 128.
-    "gptq-4bit-g128-asym-desc_act": {"scheme": "gptq", "bits": 4, "group_size": 128, "desc_act": True},
+    "gptq-4bit-g128-asym-desc_act": {"scheme": "gptq", "bits": 4, "group_size": 128,
+                                     "desc_act": True},
     "awq-4bit-g64": {"scheme": "awq", "group_size": 64},
 }
 
