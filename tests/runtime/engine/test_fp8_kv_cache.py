@@ -24,24 +24,25 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 def _engine(path, **kwargs):
-    return LLM(str(path), device="cpu", max_num_seqs=4, max_model_len=512, **kwargs).engine
+    return LLM(str(path), device="cpu", max_num_seqs=16, max_model_len=128, **kwargs).engine
 
 
 @pytest.mark.parametrize("dtype,ratio", [("bfloat16", 2), ("float32", 4)])
 def test_fp8_holds_more_blocks_in_the_same_memory(tiny_checkpoint, monkeypatch, dtype, ratio):
     import psutil
 
-    class Memory:  # the same RAM for both engines
-        available = 64 * 2**20
+    class Memory:  # the same RAM for every engine: 10% of it is 81,920 bytes of KV cache
+        available = 819_200
 
     monkeypatch.setattr(psutil, "virtual_memory", lambda: Memory)
     plain = _engine(tiny_checkpoint, dtype=dtype)
     fp8 = _engine(tiny_checkpoint, dtype=dtype, kv_cache_dtype="fp8")
 
+    # K+V x 2 layers x 2 KV heads x head_dim 8 x bytes; blocks of 16 tokens, far below the
+    # 16 x 128 tokens that would cap them.
+    assert kv_bytes_per_token(fp8.config) == 2 * 2 * 2 * 8
     assert kv_bytes_per_token(plain.config) == ratio * kv_bytes_per_token(fp8.config)
-    assert kv_bytes_per_token(fp8.config) == 2 * 2 * 2 * 8  # K+V x layers x kv heads x dim
-    # 10% of 64 MiB: blocks of 16 tokens, bounded by what 4 sequences of 512 tokens use.
-    assert fp8.num_gpu_blocks == min(ratio * plain.num_gpu_blocks, 4 * 512 // 16)
+    assert (plain.num_gpu_blocks, fp8.num_gpu_blocks) == (80 // ratio, 80)
     assert fp8.runner.kv_caches[0][0].dtype == torch.float8_e4m3fn
     assert plain.runner.kv_caches[0][0].dtype == getattr(torch, dtype)
 
