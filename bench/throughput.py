@@ -10,6 +10,11 @@ EOS cannot end it early). Only each request's own output length counts as useful
 
     python bench/throughput.py [--num-requests 64] [--model PATH] [--json out.json]
                                [--tensor-parallel-size N] [--no-transformers]
+    python bench/throughput.py --quantization fp8 --kv-cache-dtype fp8   # FP8 weights and KV
+
+--quantization / --kv-cache-dtype apply to brim only (transformers runs the checkpoint as
+it is; a GPTQ/AWQ checkpoint needs --no-transformers, transformers' integrations need
+packages brim does not install). brim's KV-cache blocks and weight bytes are recorded.
 """
 
 from __future__ import annotations
@@ -42,7 +47,8 @@ def run_brim(model_path: str, requests, args) -> dict:
     from brim.runtime import LLM, SamplingParams
 
     llm = LLM(model_path, dtype=args.dtype, device=args.device,
-              max_num_seqs=args.max_num_seqs, tensor_parallel_size=args.tensor_parallel_size)
+              max_num_seqs=args.max_num_seqs, tensor_parallel_size=args.tensor_parallel_size,
+              quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
     warm = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     llm.generate([requests[0][0]], warm, use_tqdm=False)
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for _, n in requests]
@@ -52,9 +58,12 @@ def run_brim(model_path: str, requests, args) -> dict:
     generated = sum(len(o.outputs[0].token_ids) for o in outputs)
     assert generated == sum(n for _, n in requests)
     preemptions = llm.engine.get_stats().num_preemptions
+    report = llm.engine.memory_report
     llm.shutdown()
     return {"seconds": elapsed, "output_tokens": generated, "preemptions": preemptions,
-            "tensor_parallel_size": args.tensor_parallel_size}
+            "tensor_parallel_size": args.tensor_parallel_size,
+            "num_gpu_blocks": report.num_gpu_blocks, "kv_bytes_per_token":
+            report.kv_bytes_per_token, "weights_bytes": report.weights_bytes}
 
 
 def run_transformers(model_path: str, requests, args) -> dict:
@@ -104,6 +113,9 @@ def main() -> int:
                         help="brim's ranks (processes); on CPU they share the cores")
     parser.add_argument("--no-transformers", action="store_true",
                         help="measure brim only (e.g. to compare tensor-parallel sizes)")
+    parser.add_argument("--quantization", default=None, choices=["gptq", "awq", "fp8"],
+                        help="brim's --quantization (default: the checkpoint's scheme)")
+    parser.add_argument("--kv-cache-dtype", default="auto", help="brim's KV-cache dtype")
     parser.add_argument("--json", default="bench/results/throughput.json")
     args = parser.parse_args()
 
@@ -130,11 +142,15 @@ def main() -> int:
     print(f"\nworkload: {args.num_requests} requests, prompts {args.min_prompt}-{args.max_prompt}"
           f" tokens, outputs {args.min_output}-{args.max_output} tokens, greedy, ignore_eos; "
           f"{args.dtype} on {args.device}, torch threads {torch.get_num_threads()}, "
-          f"brim tensor_parallel_size {args.tensor_parallel_size}")
+          f"brim tensor_parallel_size {args.tensor_parallel_size}, quantization "
+          f"{args.quantization or 'as checkpoint'}, KV cache {args.kv_cache_dtype}")
     print(f"{'engine':<14}{'seconds':>10}{'output tokens':>15}{'tokens/s':>10}")
     for name, r in results.items():
         print(f"{name:<14}{r['seconds']:>10.1f}{r['output_tokens']:>15}"
               f"{r['output_tokens_per_s']:>10.1f}")
+    brim = results["brim"]
+    print(f"brim KV cache: {brim['num_gpu_blocks']} blocks, {brim['kv_bytes_per_token']} "
+          f"bytes/token; weights {brim['weights_bytes'] / 2**20:.1f} MiB")
     if ratio is not None:
         print(f"brim / transformers: {ratio:.2f}x")
 

@@ -18,6 +18,7 @@ import os
 
 import torch
 
+from brim.kernels.quant_reference import quant_matmul_ref
 from brim.kernels.reference import paged_attention_ref, store_kv_ref
 
 BACKENDS = ("triton", "torch")
@@ -46,6 +47,8 @@ def paged_attention(
     max_seq_len: int | None = None,
     out: torch.Tensor | None = None,
     cpu_plan=None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Causal attention of each sequence's queries over its paged context.
 
@@ -53,21 +56,25 @@ def paged_attention(
     host-known upper bound of seq_lens that sizes the decode split-K without a device
     read-back. out (optional) receives the result and is returned. cpu_plan (optional, torch
     backend): the step's `cpu_attention.CpuAttentionPlan`, built once for all layers.
+    k_scale, v_scale: an FP8 cache's per-layer scales (reference.py; ignored otherwise).
     """
     if _pick_backend(backend, q) == "triton":
         from brim.kernels.paged_attention_triton import paged_attention_triton
 
         return paged_attention_triton(
             q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
-            sliding_window=sliding_window, max_seq_len=max_seq_len, out=out)
+            sliding_window=sliding_window, max_seq_len=max_seq_len, out=out,
+            k_scale=k_scale, v_scale=v_scale)
     if cpu_plan is not None:
         from brim.kernels.cpu_attention import paged_attention_cpu
 
         result = paged_attention_cpu(q, k_cache, v_cache, cpu_plan, scale,
-                                     sliding_window=sliding_window)
+                                     sliding_window=sliding_window, k_scale=k_scale,
+                                     v_scale=v_scale)
     else:
         result = paged_attention_ref(q, k_cache, v_cache, block_tables, query_start_loc,
-                                     seq_lens, scale, sliding_window=sliding_window)
+                                     seq_lens, scale, sliding_window=sliding_window,
+                                     k_scale=k_scale, v_scale=v_scale)
     if out is None:
         return result
     return out.copy_(result)
@@ -82,22 +89,48 @@ def store_kv(
     *,
     backend: str | None = None,
     finite: bool = False,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
     """Write each token's K and V into its cache slot; slot -1 (padding) is skipped.
 
     finite (torch backend): write non-finite values as 0 (and skip no slot), the cache that
     the CPU path's attention expects (cpu_attention.store_kv_cpu).
+    k_scale, v_scale: an FP8 cache stores key / k_scale, value / v_scale.
     """
     if _pick_backend(backend, key) == "triton":
         from brim.kernels.store_kv_triton import store_kv_triton
 
-        store_kv_triton(key, value, k_cache, v_cache, slot_mapping)
+        store_kv_triton(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     elif finite:
         from brim.kernels.cpu_attention import store_kv_cpu
 
-        store_kv_cpu(key, value, k_cache, v_cache, slot_mapping)
+        store_kv_cpu(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     else:
-        store_kv_ref(key, value, k_cache, v_cache, slot_mapping)
+        store_kv_ref(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
-__all__ = ["paged_attention", "store_kv", "paged_attention_ref", "store_kv_ref"]
+def quant_matmul(
+    x: torch.Tensor,  # [M, K]
+    qweight: torch.Tensor,  # int32 [K / PACK, N]
+    qzeros: torch.Tensor,  # int32 [G, N / PACK]
+    scales: torch.Tensor,  # [G, N]
+    perm: torch.Tensor | None,  # int32 [K]: act-order, or None
+    *,
+    bits: int,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """y = x W^T + bias with W in brim's packed 4/8-bit layout (quant_reference.py)."""
+    if _pick_backend(backend, x) == "triton":
+        from brim.kernels.quant_matmul_triton import quant_matmul_triton
+
+        return quant_matmul_triton(x, qweight, qzeros, scales, perm, bits=bits,
+                                   group_size=group_size, bias=bias)
+    return quant_matmul_ref(x, qweight, qzeros, scales, perm, bits=bits,
+                            group_size=group_size, bias=bias)
+
+
+__all__ = ["paged_attention", "store_kv", "quant_matmul", "paged_attention_ref",
+           "store_kv_ref", "quant_matmul_ref"]

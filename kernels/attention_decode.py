@@ -30,7 +30,8 @@ def _decode_kernel(
     block_tables_ptr,  # [num_seqs, max_blocks_per_seq] int32
     query_start_loc_ptr,  # [num_seqs + 1] int32; one query per sequence
     seq_lens_ptr,  # [num_seqs] int32
-    qk_scale,  # softmax scale * log2(e): scores are kept in base 2
+    qk_scale,  # softmax scale * log2(e) (* k_scale for FP8): scores are kept in base 2
+    v_scale,  # FP8 cache: the V scale, applied to the output (1.0 otherwise)
     sliding_window,  # tokens; a huge value when there is none
     partition_size,  # tokens per split, a multiple of BLOCK_N
     stride_q_t, stride_q_h, stride_q_d,
@@ -45,6 +46,7 @@ def _decode_kernel(
     BLOCK_N: tl.constexpr,  # context positions per tile
     NUM_SPLITS: tl.constexpr,
     UPCAST: tl.constexpr,  # compute dots in float32 (float32 inputs, or the interpreter)
+    FP8_KV: tl.constexpr,  # the caches hold e4m3fn bit patterns (uint8)
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -79,8 +81,11 @@ def _decode_kernel(
             block_table_ptr, positions, is_used, kv_head,
             stride_cache_b, stride_cache_s, stride_cache_h, stride_cache_d,
             BLOCK_SIZE=BLOCK_SIZE, HEAD_DIM=HEAD_DIM, HEAD_DIM_PAD=HEAD_DIM_PAD)
-        k = load_tile(k_cache_ptr, offsets, mask, UPCAST=UPCAST)  # [BLOCK_N, HEAD_DIM_PAD]
-        v = load_tile(v_cache_ptr, offsets, mask, UPCAST=UPCAST)
+        k = load_tile(k_cache_ptr, offsets, mask, UPCAST=UPCAST, FP8=FP8_KV)  # [BLOCK_N, D]
+        v = load_tile(v_cache_ptr, offsets, mask, UPCAST=UPCAST, FP8=FP8_KV)
+        if FP8_KV:
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
 
         scores = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # [GROUP_PAD, N]
         scores = tl.where(is_used[None, :], scores, float("-inf"))
@@ -93,7 +98,7 @@ def _decode_kernel(
 
     # l_i == 0 only for padded rows and empty partitions.
     has_mass = l_i > 0
-    out = acc / tl.where(has_mass, l_i, 1.0)[:, None]
+    out = acc / tl.where(has_mass, l_i, 1.0)[:, None] * v_scale
     if NUM_SPLITS == 1:
         tl.store(out_ptr + token.to(tl.int64) * stride_out_t + heads[:, None] * stride_out_h
                  + dims[None, :] * stride_out_d,

@@ -28,7 +28,8 @@ def _prefill_kernel(
     query_start_loc_ptr,  # [num_seqs + 1] int32
     seq_lens_ptr,  # [num_seqs] int32
     num_seqs,
-    qk_scale,  # softmax scale * log2(e): scores are kept in base 2
+    qk_scale,  # softmax scale * log2(e) (* k_scale for FP8): scores are kept in base 2
+    v_scale,  # FP8 cache: the V scale, applied to the output (1.0 otherwise)
     sliding_window,  # tokens; a huge value when there is none
     stride_q_t, stride_q_h, stride_q_d,
     stride_out_t, stride_out_h, stride_out_d,
@@ -42,6 +43,7 @@ def _prefill_kernel(
     BLOCK_SIZE: tl.constexpr,  # cache block size
     BLOCK_N: tl.constexpr,  # context positions per tile
     UPCAST: tl.constexpr,  # compute dots in float32 (float32 inputs, or the interpreter)
+    FP8_KV: tl.constexpr,  # the caches hold e4m3fn bit patterns (uint8)
 ):
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -104,24 +106,24 @@ def _prefill_kernel(
             block_table_ptr, k_cache_ptr, v_cache_ptr, kv_head,
             stride_cache_b, stride_cache_s, stride_cache_h, stride_cache_d,
             MASKED=True, BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM,
-            HEAD_DIM_PAD=HEAD_DIM_PAD, UPCAST=UPCAST)
+            HEAD_DIM_PAD=HEAD_DIM_PAD, UPCAST=UPCAST, FP8_KV=FP8_KV)
     for tile_lo in tl.range(full_lo, full_hi, BLOCK_N):
         m_i, l_i, acc = _attend_tile(
             m_i, l_i, acc, q, q_pos, tile_lo, kv_lo, kv_hi, sliding_window, qk_scale,
             block_table_ptr, k_cache_ptr, v_cache_ptr, kv_head,
             stride_cache_b, stride_cache_s, stride_cache_h, stride_cache_d,
             MASKED=False, BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM,
-            HEAD_DIM_PAD=HEAD_DIM_PAD, UPCAST=UPCAST)
+            HEAD_DIM_PAD=HEAD_DIM_PAD, UPCAST=UPCAST, FP8_KV=FP8_KV)
     for tile_lo in tl.range(full_hi, kv_hi, BLOCK_N):
         m_i, l_i, acc = _attend_tile(
             m_i, l_i, acc, q, q_pos, tile_lo, kv_lo, kv_hi, sliding_window, qk_scale,
             block_table_ptr, k_cache_ptr, v_cache_ptr, kv_head,
             stride_cache_b, stride_cache_s, stride_cache_h, stride_cache_d,
             MASKED=True, BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM,
-            HEAD_DIM_PAD=HEAD_DIM_PAD, UPCAST=UPCAST)
+            HEAD_DIM_PAD=HEAD_DIM_PAD, UPCAST=UPCAST, FP8_KV=FP8_KV)
 
     # Every real row attends at least to itself; l_i == 0 only on padded rows.
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None] * v_scale
     tl.store(out_ptr + token_offsets[:, None] * stride_out_t + heads[:, None] * stride_out_h
              + dims[None, :] * stride_out_d,
              cast_rtne(out, out_ptr.dtype.element_ty), mask=row_mask[:, None] & dim_mask)
@@ -138,6 +140,7 @@ def _attend_tile(
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     UPCAST: tl.constexpr,
+    FP8_KV: tl.constexpr,
 ):
     """One online-softmax step over the BLOCK_N context positions from tile_lo."""
     positions = tile_lo + tl.arange(0, BLOCK_N)
@@ -148,8 +151,13 @@ def _attend_tile(
         BLOCK_SIZE=BLOCK_SIZE, HEAD_DIM=HEAD_DIM, HEAD_DIM_PAD=HEAD_DIM_PAD, MASKED=MASKED)
     # Unmasked loads need the mask constant along head_dim (HEAD_DIM a power of two).
     UNMASKED_LOAD: tl.constexpr = not MASKED and HEAD_DIM == HEAD_DIM_PAD
-    k = load_tile(k_cache_ptr, offsets, mask, UPCAST=UPCAST, MASKED=not UNMASKED_LOAD)
-    v = load_tile(v_cache_ptr, offsets, mask, UPCAST=UPCAST, MASKED=not UNMASKED_LOAD)
+    k = load_tile(k_cache_ptr, offsets, mask, UPCAST=UPCAST, MASKED=not UNMASKED_LOAD,
+                  FP8=FP8_KV)
+    v = load_tile(v_cache_ptr, offsets, mask, UPCAST=UPCAST, MASKED=not UNMASKED_LOAD,
+                  FP8=FP8_KV)
+    if FP8_KV:
+        k = k.to(q.dtype)
+        v = v.to(q.dtype)
 
     scores = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # [BLOCK_M, N]
     if MASKED:

@@ -18,6 +18,7 @@ from triton.runtime.jit import JITFunction
 from brim.kernels.attention_decode import _decode_kernel, _reduce_splits_kernel
 from brim.kernels.attention_prefill import _prefill_kernel
 from brim.kernels.launch import Launch
+from brim.kernels.reference import is_fp8_cache
 
 LOG2_E = 1.4426950408889634
 NO_WINDOW = 1 << 30  # a sliding window longer than any context
@@ -87,25 +88,32 @@ def paged_attention_triton(
     max_seq_len: int | None = None,
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """The Triton path of `brim.kernels.paged_attention`; same contract as the reference.
 
     max_seq_len: an upper bound of seq_lens known on the host; it sizes the decode split
     (default: the block table's width in tokens). num_splits forces the decode split.
+    k_scale, v_scale: an FP8 cache's scales (ignored for other caches).
     """
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     for launch in plan_launches(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens,
                                 scale, out, sliding_window=sliding_window,
-                                max_seq_len=max_seq_len, num_splits=num_splits):
+                                max_seq_len=max_seq_len, num_splits=num_splits,
+                                k_scale=k_scale, v_scale=v_scale):
         launch.run()
     return out
 
 
 def plan_launches(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, out, *,
-                  sliding_window=None, max_seq_len=None, num_splits=None) -> list[Launch]:
+                  sliding_window=None, max_seq_len=None, num_splits=None, k_scale=1.0,
+                  v_scale=1.0) -> list[Launch]:
     """The launches computing paged attention into `out`, without running them.
 
+    An FP8 cache (float8_e4m3fn) is handed to the kernels as its uint8 bit patterns; its
+    K scale folds into the softmax scale, its V scale multiplies the output.
     """
     num_tokens, num_heads, head_dim = q.shape
     num_seqs = seq_lens.shape[0]
@@ -125,11 +133,15 @@ def plan_launches(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, 
         return []
 
     group = num_heads // num_kv_heads
+    fp8 = is_fp8_cache(k_cache)
+    if fp8:
+        k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
     common = dict(
         q_ptr=q, k_cache_ptr=k_cache, v_cache_ptr=v_cache,
         block_tables_ptr=block_tables, query_start_loc_ptr=query_start_loc,
         seq_lens_ptr=seq_lens,
-        qk_scale=scale * LOG2_E,
+        qk_scale=scale * LOG2_E * (k_scale if fp8 else 1.0),
+        v_scale=float(v_scale) if fp8 else 1.0,
         sliding_window=NO_WINDOW if sliding_window is None else sliding_window,
         stride_q_t=q.stride(0), stride_q_h=q.stride(1), stride_q_d=q.stride(2),
         stride_out_t=out.stride(0), stride_out_h=out.stride(1), stride_out_d=out.stride(2),
@@ -141,6 +153,7 @@ def plan_launches(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, 
         HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
         BLOCK_SIZE=block_size,
         UPCAST=IS_INTERPRETED or q.dtype == torch.float32,
+        FP8_KV=fp8,
     )
     if num_tokens == num_seqs:
         return _plan_decode(out, common, num_seqs, num_kv_heads, num_heads, block_tables,

@@ -41,18 +41,22 @@ def kv_tile_offsets(
 
 
 @triton.jit
-def load_tile(ptr, offsets, mask, UPCAST: tl.constexpr, MASKED: tl.constexpr = True):
+def load_tile(ptr, offsets, mask, UPCAST: tl.constexpr, MASKED: tl.constexpr = True,
+              FP8: tl.constexpr = False):
     """Masked load (masked elements are 0, so stale cache contents never reach a sum).
 
     MASKED=False loads every element (the caller checked they are all in range) when the
     mask is constant along head_dim, i.e. HEAD_DIM is a power of two.
     UPCAST converts to float32 right after the load: the interpreter's 16-bit arithmetic
     is not exact, and float32 inputs take IEEE dots instead.
+    FP8: ptr holds e4m3fn bit patterns (uint8); the tile is decoded to float32 (unscaled).
     """
     if MASKED:
-        tile = tl.load(ptr + offsets, mask=mask, other=0.0)
+        tile = tl.load(ptr + offsets, mask=mask, other=0)
     else:
         tile = tl.load(ptr + offsets)
+    if FP8:
+        tile = e4m3_to_float(tile)
     if UPCAST:
         tile = tile.to(tl.float32)
     return tile
@@ -70,3 +74,37 @@ def cast_rtne(x, DTYPE: tl.constexpr):
         bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
         x = bits.to(tl.float32, bitcast=True)  # now exact in bfloat16
     return x.to(DTYPE)
+
+
+# -- FP8 (e4m3fn) KV cache: the kernels see the cache as uint8 bit patterns ---------------------
+#
+# Converted on the bits rather than with `.to(tl.float8e4nv)`: the interpreter's float8
+# conversion neither rounds to nearest nor keeps subnormals, and sm_80 has no FP8 converts.
+# Integer code gives the same bytes as torch's `.to(torch.float8_e4m3fn)` everywhere.
+
+
+@triton.jit
+def e4m3_to_float(bits):
+    """uint8 e4m3fn bit patterns -> float32, exactly (the NaN pattern is never stored)."""
+    b = bits.to(tl.int32)
+    exponent = (b >> 3) & 0xF
+    mantissa = b & 7
+    normal = (((exponent + 120) << 23) | (mantissa << 20)).to(tl.float32, bitcast=True)
+    value = tl.where(exponent == 0, mantissa.to(tl.float32) * 0.001953125, normal)  # 2^-9
+    return tl.where((b & 0x80) != 0, -value, value)
+
+
+@triton.jit
+def float_to_e4m3(x):
+    """float32 -> uint8 e4m3fn bits, rounding to nearest even and saturating at +-448 (as
+    torch's conversion of a clamped value); NaN is written as 0."""
+    x = tl.where(x == x, x, 0.0)
+    sign = ((x.to(tl.int32, bitcast=True) >> 31) & 1) << 7
+    magnitude = tl.minimum(tl.abs(x), 448.0)
+    bits = magnitude.to(tl.int32, bitcast=True)
+    # Normal (>= 2^-6): keep 3 of float32's 23 mantissa bits, round half to even, and
+    # rebias the exponent from 127 to 7.
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) >> 20) - (120 << 3)
+    # Subnormal: a multiple of 2^-9, rounded to nearest even by adding 1.5 x 2^23.
+    subnormal = ((magnitude * 512.0 + 12582912.0) - 12582912.0).to(tl.int32)
+    return (tl.where(magnitude < 0.015625, subnormal, normal) | sign).to(tl.uint8)

@@ -4,6 +4,10 @@ KV-cache layout (shared with the engine): per layer `k_cache`, `v_cache` of shap
 [num_blocks, block_size, num_kv_heads, head_dim]. Token t of a sequence lives in block
 block_table[t // block_size] at offset t % block_size.
 
+An FP8 cache (float8_e4m3fn) stores key / k_scale and value / v_scale, rounded to nearest
+even and saturated at +-448; attention reads k_scale x cache (per layer scales, 1.0 when the
+checkpoint has none). Caches of other dtypes ignore the scales.
+
 These run the engine on CPU and are what the Triton kernels are tested against.
 """
 
@@ -12,6 +16,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+FP8_E4M3_MAX = 448.0
+
+
+def is_fp8_cache(cache: torch.Tensor) -> bool:
+    return cache.dtype == torch.float8_e4m3fn
+
+
+def quantize_kv(x: torch.Tensor, cache_dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """x as the cache stores it: FP8 x / scale (saturated), other dtypes converted."""
+    if cache_dtype != torch.float8_e4m3fn:
+        return x.to(cache_dtype)
+    return (x.float() * (1.0 / scale)).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(cache_dtype)
+
 
 def store_kv_ref(
     key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
@@ -19,6 +36,8 @@ def store_kv_ref(
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,  # [num_tokens]; block_id * block_size + offset, -1 = skip
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
     """Write each token's K and V into its slot; slot -1 (padding) is skipped."""
     valid = slot_mapping >= 0
@@ -26,8 +45,8 @@ def store_kv_ref(
     num_blocks, block_size = k_cache.shape[:2]
     k_flat = k_cache.view(num_blocks * block_size, *k_cache.shape[2:])
     v_flat = v_cache.view(num_blocks * block_size, *v_cache.shape[2:])
-    k_flat[slots] = key[valid].to(k_cache.dtype)
-    v_flat[slots] = value[valid].to(v_cache.dtype)
+    k_flat[slots] = quantize_kv(key[valid], k_cache.dtype, k_scale)
+    v_flat[slots] = quantize_kv(value[valid], v_cache.dtype, v_scale)
 
 
 def paged_attention_ref(
@@ -40,6 +59,8 @@ def paged_attention_ref(
     scale: float,
     *,
     sliding_window: int | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Causal attention of each sequence's queries over its paged context.
 
@@ -49,6 +70,9 @@ def paged_attention_ref(
     Returns [num_tokens, num_heads, head_dim] in q's dtype.
     """
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if is_fp8_cache(k_cache):  # dequantize: the computation below reads float32 anyway
+        k_cache = k_cache.float() * k_scale
+        v_cache = v_cache.float() * v_scale
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
     query_lens = [starts[i + 1] - starts[i] for i in range(len(lens))]

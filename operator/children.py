@@ -79,9 +79,12 @@ def serve_args(spec: DeploymentSpec, plan: dict, settings: OperatorSettings) -> 
             args += ["--revision", model.revision]
     elif model.scheme == "pvc":
         args += ["--model", f"{MODELS_MOUNT}/{model.path}"]
-    args += ["--dtype", plan["dtype"], "--max-model-len", str(plan["maxModelLen"]),
+    args += ["--dtype", plan["dtype"], "--kv-cache-dtype", plan["kvCacheDtype"],
+             "--max-model-len", str(plan["maxModelLen"]),
              "--block-size", str(plan["blockSize"]), "--max-num-seqs", str(plan["maxNumSeqs"]),
              "--max-num-batched-tokens", str(plan["maxNumBatchedTokens"])]
+    if spec.quantization:
+        args += ["--quantization", spec.quantization]
     if plan.get("device") == "cpu":
         args += ["--device", "cpu", "--num-gpu-blocks", str(plan["numGpuBlocks"])]
     else:

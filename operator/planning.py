@@ -69,7 +69,7 @@ def _request(spec: DeploymentSpec, checkpoint: CheckpointFacts, memory_bytes: in
         gpu_memory_utilization=spec.gpu_memory_utilization, tensor_parallel_size=tp,
         max_model_len=spec.max_model_len, min_model_len=spec.min_model_len,
         max_num_batched_tokens=spec.max_num_batched_tokens, block_size=spec.block_size,
-        dtype=spec.dtype, kv_cache_dtype=spec.kv_cache_dtype,
+        dtype=spec.dtype, kv_cache_dtype=spec.kv_cache_dtype, quantization=spec.quantization,
         extra_non_kv_bytes=extra_non_kv_bytes, device=device, **optional)
 
 

@@ -374,9 +374,9 @@ def _plan(ctx: Context, md: dict, spec: DeploymentSpec, correction: int) -> tupl
 
 def _unsupported(spec: DeploymentSpec) -> str | None:
     """What the planner can plan but brim's runtime cannot run yet."""
-    if spec.kv_cache_dtype.startswith("fp8"):
-        return ("spec.engine.kvCacheDtype: brim's runtime does not store an FP8 KV cache yet; "
-                "use auto")
+    if spec.kv_cache_dtype == "fp8_e5m2":
+        return ("spec.engine.kvCacheDtype: brim's runtime stores an FP8 KV cache as e4m3, not "
+                "e5m2; use fp8 (or fp8_e4m3)")
     return None
 
 

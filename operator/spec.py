@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from brim.runtime.planner.dtypes import KV_CACHE_DTYPE_BYTES, MODEL_DTYPE_BYTES
 from brim.runtime.planner.lengths import is_auto, parse_token_count
+from brim.runtime.planner.quantization import METHODS as QUANTIZATION_METHODS
 
 GROUP = "brim.dev"
 VERSION = "v1alpha1"
@@ -77,6 +78,7 @@ class DeploymentSpec:
     max_num_batched_tokens: int | None = None
     dtype: str = "auto"
     kv_cache_dtype: str = "auto"
+    quantization: str | None = None
     enable_prefix_caching: bool = True
     block_size: int = 16
     extra_args: tuple[str, ...] = ()
@@ -174,6 +176,12 @@ def parse_spec(body: dict, *, default_gpu_memory_utilization: float | str = "aut
         raise SpecError(f"spec.engine.kvCacheDtype: {kv_dtype!r} is not auto or one of "
                         f"{', '.join(KV_CACHE_DTYPE_BYTES)}")
 
+    quantization = engine.get("quantization")
+    if quantization is not None and quantization not in QUANTIZATION_METHODS:
+        raise SpecError(f"spec.engine.quantization: {quantization!r} is not one of "
+                        f"{', '.join(QUANTIZATION_METHODS)} (leave it unset to serve the "
+                        "checkpoint's own scheme)")
+
     return DeploymentSpec(
         name=name,
         namespace=metadata.get("namespace", "default"),
@@ -193,6 +201,7 @@ def parse_spec(body: dict, *, default_gpu_memory_utilization: float | str = "aut
                                 _token_count(batched, "spec.engine.maxNumBatchedTokens")),
         dtype=dtype,
         kv_cache_dtype=kv_dtype,
+        quantization=quantization,
         enable_prefix_caching=bool(engine.get("enablePrefixCaching", True)),
         block_size=int(engine.get("blockSize", 16)),
         extra_args=tuple(engine.get("extraArgs") or ()),

@@ -13,12 +13,14 @@ from pathlib import Path
 
 from brim.runtime.engine.errors import KVCacheTooSmallError
 from brim.runtime.engine.speculative import SpeculativeConfig
-from brim.runtime.planner.dtypes import resolve_dtype
+from brim.runtime.planner.dtypes import (KV_CACHE_DTYPE_BYTES, canonical, resolve_dtype,
+                                         resolve_kv_cache_dtype)
 from brim.runtime.planner.facts import CheckpointFacts, ModelFacts, declared_dtype, read_checkpoint
 from brim.runtime.planner.lengths import (DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS,
                                           default_max_num_batched_tokens, derive_max_model_len,
                                           is_auto, parse_token_count)
 from brim.runtime.planner.memory import DEFAULT_BLOCK_SIZE, DEFAULT_GPU_MEMORY_UTILIZATION
+from brim.runtime.planner.quantization import QuantizationSpec, resolve_quantization
 
 DEVICES = tuple(DEFAULT_MAX_NUM_BATCHED_TOKENS)  # "cpu", "cuda"
 
@@ -34,6 +36,8 @@ class ModelConfig:
     max_model_len: the limit this engine enforces (prompt + generated tokens).
     auto_max_model_len: max_model_len was "auto": the engine lowers it to what its KV cache
         holds instead of refusing to start.
+    quantization: the scheme of the linear layers' weights (the checkpoint's, or FP8
+        quantized while loading); None for plain weights.
     """
 
     path: Path
@@ -42,6 +46,7 @@ class ModelConfig:
     max_model_len: int
     derived_max_model_len: int
     auto_max_model_len: bool = False
+    quantization: QuantizationSpec | None = None
 
     @property
     def facts(self) -> ModelFacts:
@@ -57,6 +62,7 @@ class ModelConfig:
         device: str = "cpu",
         max_model_len: int | str | None = None,
         allow_long_max_model_len: bool = False,
+        quantization: str | None = None,
     ) -> "ModelConfig":
         path = Path(path)
         if not (path / "config.json").is_file():
@@ -65,6 +71,8 @@ class ModelConfig:
                 "(config.json, *.safetensors, tokenizer files)"
             )
         checkpoint = read_checkpoint(path)
+        # An unsupported scheme is refused here, before any weight is read.
+        scheme = resolve_quantization(quantization, checkpoint.config)
         derived = derive_max_model_len(checkpoint.config, checkpoint.tokenizer_config)
         auto = is_auto(max_model_len)
         if max_model_len is None or auto:
@@ -85,6 +93,7 @@ class ModelConfig:
             max_model_len=resolved,
             derived_max_model_len=derived,
             auto_max_model_len=auto,
+            quantization=scheme,
         )
 
 
@@ -96,6 +105,8 @@ class CacheConfig:
     num_gpu_blocks: cap on the number of blocks; None lets the engine size it (CUDA:
         measured free memory x gpu_memory_utilization; CPU: cpu_kv_cache_fraction of
         available RAM).
+    kv_cache_dtype: what K and V are stored in: "auto" (the model dtype), a model dtype, or
+        "fp8" (float8 e4m3 with per-layer scales: half of 16 bits' bytes per token).
     """
 
     block_size: int = DEFAULT_BLOCK_SIZE
@@ -103,8 +114,16 @@ class CacheConfig:
     gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION
     cpu_kv_cache_fraction: float = 0.10
     enable_prefix_caching: bool = True
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        name = canonical(self.kv_cache_dtype)
+        if name == "fp8_e5m2":
+            raise ValueError("kv_cache_dtype fp8_e5m2 is not supported: brim stores an FP8 KV "
+                             "cache as e4m3 (with per-layer scales); use fp8 or fp8_e4m3")
+        if name != "auto" and name not in KV_CACHE_DTYPE_BYTES:
+            raise ValueError(f"kv_cache_dtype must be auto, fp8 or one of float32, bfloat16, "
+                             f"float16; got {self.kv_cache_dtype!r}")
         if self.block_size < 8 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two >= 8, got {self.block_size}")
         if self.num_gpu_blocks is not None and self.num_gpu_blocks < 1:
@@ -198,12 +217,24 @@ class EngineConfig:
                              f"must be the model's ({self.model.max_model_len})")
         if self.parallel.tensor_parallel_size > 1:
             self.model.facts.check_tensor_parallel_size(self.parallel.tensor_parallel_size)
+            if self.model.quantization is not None:
+                raise ValueError(
+                    f"quantized weights ({self.model.quantization.describe()}) are served with "
+                    f"tensor_parallel_size=1 only, got {self.parallel.tensor_parallel_size}: "
+                    "the tensor-parallel loader slices float weights. Use "
+                    "tensor_parallel_size=1, or a float checkpoint without --quantization")
         # A cache capped below one full-length request can be refused before any weight loads.
         cap = self.cache.num_gpu_blocks
         if (cap is not None and not self.model.auto_max_model_len
                 and cap * self.cache.block_size < self.model.max_model_len):
             raise KVCacheTooSmallError(cap, self.cache.block_size, self.model.max_model_len,
                                        "raise num_gpu_blocks")
+
+    @property
+    def kv_cache_dtype(self) -> str:
+        """The KV cache's dtype, resolved: the model dtype for "auto"; "fp8" for e4m3."""
+        name = resolve_kv_cache_dtype(self.cache.kv_cache_dtype, self.model.dtype)
+        return "fp8" if name.startswith("fp8") else name
 
     def with_max_model_len(self, max_model_len: int) -> "EngineConfig":
         """This config serving a shorter context (what "auto" does when the cache is small)."""
@@ -229,6 +260,8 @@ class EngineConfig:
         speculative_config: dict | str | SpeculativeConfig | None = None,
         tensor_parallel_size: int = 1,
         pipeline_parallel_size: int = 1,
+        kv_cache_dtype: str = "auto",
+        quantization: str | None = None,
     ) -> "EngineConfig":
         if device not in DEVICES:
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
@@ -239,6 +272,7 @@ class EngineConfig:
             device=device,
             max_model_len=max_model_len,
             allow_long_max_model_len=allow_long_max_model_len,
+            quantization=quantization,
         )
         max_len = model_config.max_model_len
         if max_num_seqs is None:
@@ -255,6 +289,7 @@ class EngineConfig:
             num_gpu_blocks=num_gpu_blocks,
             gpu_memory_utilization=gpu_memory_utilization,
             enable_prefix_caching=enable_prefix_caching,
+            kv_cache_dtype=kv_cache_dtype,
         )
         return cls(model_config, cache_config, scheduler_config, device=device, seed=seed,
                    speculative=SpeculativeConfig.parse(speculative_config),

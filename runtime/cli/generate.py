@@ -22,6 +22,8 @@ def register(subparsers) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--quantization", default=None, choices=["gptq", "awq", "fp8"])
+    p.add_argument("--kv-cache-dtype", default="auto")
     p.add_argument("--device", default="auto")
     p.add_argument("--max-model-len", default=None)
     p.add_argument("--num-gpu-blocks", type=int, default=None)
@@ -40,7 +42,8 @@ def run_generate(args: argparse.Namespace) -> int:
         llm = LLM(args.model, dtype=args.dtype, device=args.device,
                   max_model_len=args.max_model_len, num_gpu_blocks=args.num_gpu_blocks,
                   cache_dir=args.cache_dir, revision=args.revision,
-                  tensor_parallel_size=args.tensor_parallel_size)
+                  tensor_parallel_size=args.tensor_parallel_size,
+                  quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p,
                                 top_k=args.top_k, seed=args.seed, max_tokens=args.max_tokens)
         if args.chat:

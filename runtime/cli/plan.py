@@ -60,6 +60,9 @@ def register(subparsers) -> None:
     parser.add_argument("--dtype", default="auto", help="auto, bfloat16, float16, float32")
     parser.add_argument("--kv-cache-dtype", default="auto",
                         help="auto (the model dtype), bfloat16, float16, fp8")
+    parser.add_argument("--quantization", "-q", default=None, choices=["gptq", "awq", "fp8"],
+                        help="default: the checkpoint's own scheme (config.json); fp8 "
+                             "quantizes a 16-bit checkpoint's linear layers while loading")
     parser.add_argument("--max-num-seqs", type=int, default=DEFAULT_MAX_NUM_SEQS)
     parser.add_argument("--max-num-batched-tokens", default=None,
                         help="tokens per step (default: the CUDA engine's, "
@@ -94,6 +97,7 @@ def run_plan(args: argparse.Namespace) -> int:
             enforce_eager=args.enforce_eager,
             min_model_len=args.min_model_len,
             device=args.device,
+            quantization=args.quantization,
         ))
     except (ValueError, FileNotFoundError) as exc:
         print(f"brim plan: {exc}", file=sys.stderr)
@@ -122,7 +126,8 @@ def format_plan(p: Plan, gpu_name: str | None = None) -> str:
                 f"(tensor parallel)"),
         ("budget", f"{gib(int(p.gpu_memory_bytes * p.gpu_memory_utilization))}  "
                    f"(gpu_memory_utilization {p.gpu_memory_utilization:.2f})"),
-        ("weights", f"{gib(p.weights_bytes)}  ({p.dtype}, from {p.weights_source})"),
+        ("weights", f"{gib(p.weights_bytes)}  ({p.quantization or p.dtype}, from "
+                    f"{p.weights_source})"),
         ("activations", f"{gib(p.activation_bytes)}  "
                         f"(max_num_batched_tokens {p.max_num_batched_tokens})"),
         ("non-torch", gib(p.non_torch_bytes)),

@@ -47,6 +47,10 @@ def register(subparsers) -> None:
     model.add_argument("--dtype", default="auto",
                        help="auto, float32, bfloat16 or float16 (auto: the checkpoint's; "
                             "float32 on CPU)")
+    model.add_argument("--quantization", "-q", default=None, choices=["gptq", "awq", "fp8"],
+                       help="default: the checkpoint's own scheme (config.json's "
+                            "quantization_config: GPTQ, AWQ or FP8); fp8 quantizes a 16/32-bit "
+                            "checkpoint's linear layers to FP8 while loading")
     model.add_argument("--max-model-len", default=None, metavar="N|25.6k|auto",
                        help="longest prompt + output per request, in tokens; 'auto' takes the "
                             "model's limit, lowered to what the KV cache holds (default: the "
@@ -72,6 +76,11 @@ def register(subparsers) -> None:
                              f"{DEFAULT_MAX_NUM_BATCHED_TOKENS['cuda']} on GPU)")
     engine.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE,
                         help=f"tokens per KV-cache block (default {DEFAULT_BLOCK_SIZE})")
+    engine.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3",
+                                                                       "bfloat16", "float16",
+                                                                       "float32"],
+                        help="auto: the model dtype; fp8: float8 e4m3 with per-layer scales "
+                             "(the checkpoint's, else 1.0), half the bytes per token")
     engine.add_argument("--num-gpu-blocks", "--num-gpu-blocks-override", dest="num_gpu_blocks",
                         type=int, default=None,
                         help="KV-cache blocks: a cap on GPU, the exact count on CPU")
@@ -192,7 +201,8 @@ def create_engine(args: argparse.Namespace):
         allow_long_max_model_len=args.allow_long_max_model_len, seed=args.seed,
         device=resolve_device(args.device), speculative_config=args.speculative_config,
         tensor_parallel_size=args.tensor_parallel_size,
-        pipeline_parallel_size=args.pipeline_parallel_size)
+        pipeline_parallel_size=args.pipeline_parallel_size, kv_cache_dtype=args.kv_cache_dtype,
+        quantization=args.quantization)
     return Engine(config, request_limits(args))
 
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from brim.runtime.config import EngineConfig
 from brim.runtime.engine.errors import KVCacheTooSmallError
-from brim.runtime.planner.dtypes import MODEL_DTYPE_BYTES
+from brim.runtime.planner.dtypes import KV_CACHE_DTYPE_BYTES
 from brim.runtime.planner.memory import PlanRequest, plan
 from brim.runtime.planner.report import MemoryReport, MemoryUse
 
@@ -21,8 +21,8 @@ logger = logging.getLogger(__name__)
 
 
 def kv_bytes_per_token(config: EngineConfig) -> int:
-    """What one token's K and V cost on one rank (the KV cache is in the model dtype)."""
-    return config.model.facts.kv_bytes_per_token(MODEL_DTYPE_BYTES[config.model.dtype],
+    """What one token's K and V cost on one rank (in the KV cache's dtype)."""
+    return config.model.facts.kv_bytes_per_token(KV_CACHE_DTYPE_BYTES[config.kv_cache_dtype],
                                                  config.parallel.tensor_parallel_size)
 
 
@@ -95,7 +95,10 @@ def _predict(config: EngineConfig, gpu_memory_bytes: int) -> MemoryUse | None:
             max_num_seqs=config.scheduler.max_num_seqs,
             max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
             block_size=config.cache.block_size, dtype=config.model.dtype,
-            tensor_parallel_size=config.parallel.tensor_parallel_size))
+            tensor_parallel_size=config.parallel.tensor_parallel_size,
+            kv_cache_dtype=config.kv_cache_dtype,
+            quantization="fp8" if (config.model.quantization is not None
+                                   and config.model.quantization.on_load) else None))
     except (ValueError, KeyError) as exc:  # a prediction never stops a measured start
         logger.warning("could not predict memory for comparison: %s", exc)
         return None

@@ -106,7 +106,8 @@ class Engine:
     def _start(self, config: EngineConfig, request_limits: RequestLimits | None) -> None:
         model_config, workers = config.model, self.workers
         self.model = load_model(model_config.path, model_config.facts, model_config.dtype,
-                                config.device, group=workers and workers.group)
+                                config.device, group=workers and workers.group,
+                                quantization=model_config.quantization)
         self.tokenizer = load_tokenizer(model_config.path)
         weights = model_weights_bytes(self.model)
         measured: list[int] = []  # this rank's block count before the ranks agree

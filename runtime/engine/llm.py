@@ -40,6 +40,9 @@ class LLM:
         (NCCL on CUDA, gloo on CPU); this process is rank 0. Call `shutdown()` (or use the
         LLM as a context manager) to stop the workers before the interpreter exits.
     pipeline_parallel_size: only 1.
+    kv_cache_dtype: "auto" (the model dtype) or "fp8" (e4m3, half the bytes per token).
+    quantization: None reads the checkpoint's scheme (GPTQ, AWQ, FP8 or none); "fp8"
+        quantizes a plain checkpoint's linear layers to FP8 while loading.
     """
 
     def __init__(
@@ -62,6 +65,8 @@ class LLM:
         speculative_config: dict | None = None,
         tensor_parallel_size: int = 1,
         pipeline_parallel_size: int = 1,
+        kv_cache_dtype: str = "auto",
+        quantization: str | None = None,
     ) -> None:
         if model is not None:
             from brim.runtime.models.hub import resolve_model
@@ -87,6 +92,8 @@ class LLM:
             speculative_config=speculative_config,
             tensor_parallel_size=tensor_parallel_size,
             pipeline_parallel_size=pipeline_parallel_size,
+            kv_cache_dtype=kv_cache_dtype,
+            quantization=quantization,
         )
         self.engine = Engine(config)
         self._ids = itertools.count()

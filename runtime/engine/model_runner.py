@@ -35,7 +35,8 @@ class ModelRunner:
         self.block_size = config.cache.block_size
         self.backend = "triton" if self.device.type == "cuda" else "torch"
         facts = model.facts
-        dtype = TORCH_DTYPES[config.model.dtype]
+        kv_dtype = config.kv_cache_dtype
+        dtype = torch.float8_e4m3fn if kv_dtype == "fp8" else TORCH_DTYPES[kv_dtype]
         num_kv_heads = facts.num_kv_heads_per_gpu(config.parallel.tensor_parallel_size)
         shape = (num_blocks, self.block_size, num_kv_heads, facts.head_dim)
         # Per layer (k_cache, v_cache). Zeroed: attention masks unused slots, but a

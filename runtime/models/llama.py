@@ -58,6 +58,10 @@ class Attention(nn.Module):
         self.rotary = rotary
         self.scale = self.head_dim**-0.5
         self.sliding_window = sliding_window
+        # An FP8 KV cache stores k / k_scale and v / v_scale (per layer, from the checkpoint
+        # when it has them; quantization.WeightTransform sets them). Unused at 16/32 bits.
+        self.k_scale = 1.0
+        self.v_scale = 1.0
 
     def forward(self, positions, x, kv_cache, md: AttentionMetadata) -> torch.Tensor:
         num_tokens = x.shape[0]
@@ -68,11 +72,11 @@ class Attention(nn.Module):
         q, k = self.rotary(positions, q, k)
         k_cache, v_cache = kv_cache
         store_kv(k, v, k_cache, v_cache, md.slot_mapping, backend=md.backend,
-                 finite=md.cpu_plan is not None)
+                 finite=md.cpu_plan is not None, k_scale=self.k_scale, v_scale=self.v_scale)
         out = paged_attention(
             q, k_cache, v_cache, md.block_tables, md.query_start_loc, md.seq_lens, self.scale,
             sliding_window=self.sliding_window, max_seq_len=md.max_seq_len, backend=md.backend,
-            cpu_plan=md.cpu_plan,
+            cpu_plan=md.cpu_plan, k_scale=self.k_scale, v_scale=self.v_scale,
         )
         return self.o_proj(out.view(num_tokens, self.q_size))
 

@@ -14,8 +14,10 @@ from safetensors import safe_open
 
 from brim.runtime.models.cpu_linear import PackedLinear, pack_linears
 from brim.runtime.models.llama import LlamaForCausalLM
+from brim.runtime.models.quantization import WeightTransform
 from brim.runtime.planner.dtypes import MODEL_DTYPE_BYTES
 from brim.runtime.planner.facts import ModelFacts, safetensors_files
+from brim.runtime.planner.quantization import QuantizationSpec
 
 logger = logging.getLogger(__name__)
 
@@ -39,9 +41,10 @@ def model_class(facts: ModelFacts) -> type[LlamaForCausalLM]:
 
 
 def load_model(path: Path, facts: ModelFacts, dtype: str, device: str,
-               group=None) -> LlamaForCausalLM:
+               group=None, quantization: QuantizationSpec | None = None) -> LlamaForCausalLM:
     """The model with its weights; group (models.parallel.TensorParallelGroup): only this
-    rank's share of them, read slice by slice."""
+    rank's share of them, read slice by slice. quantization: the scheme served
+    (planner.quantization.resolve_quantization)."""
     cls = model_class(facts)
     files = safetensors_files(path)
     if not files:
@@ -59,6 +62,7 @@ def load_model(path: Path, facts: ModelFacts, dtype: str, device: str,
     with torch.device("meta"):
         model = cls(facts)
     torch_dtype = TORCH_DTYPES[dtype]
+    transform = WeightTransform(quantization, torch_dtype)
     params = dict(model.named_parameters())
     state: dict[str, torch.Tensor] = {}
     shards: dict[str, dict[int, torch.Tensor]] = {}
@@ -66,6 +70,8 @@ def load_model(path: Path, facts: ModelFacts, dtype: str, device: str,
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for ckpt_name in f.keys():
                 name, shard = model.checkpoint_name_map(ckpt_name)
+                if transform.take(ckpt_name, name, shard, f):
+                    continue
                 if name not in params:
                     if "rotary_emb" in name:
                         continue  # some checkpoints store the derived inv_freq buffer
@@ -77,6 +83,8 @@ def load_model(path: Path, facts: ModelFacts, dtype: str, device: str,
                     shards.setdefault(name, {})[shard] = tensor
     for name, parts in shards.items():
         state[name] = torch.cat([parts[i] for i in sorted(parts)], dim=0)
+    state.update(transform.apply(model))  # quantized layers replace their nn.Linears
+    params = dict(model.named_parameters())
     if "lm_head.weight" not in state and facts.tie_word_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     missing = sorted(set(params) - set(state))

@@ -27,6 +27,8 @@ from pathlib import Path
 
 from brim.runtime.planner.dtypes import (MODEL_DTYPE_BYTES, SAFETENSORS_DTYPE_BYTES,
                                          SAFETENSORS_FLOAT_DTYPES)
+from brim.runtime.planner.quantization import (QuantizationSpec, checkpoint_quantization,
+                                               quantized_tensor_bytes)
 
 # Keys that bound a model's context, in the naming schemes of the families brim reads.
 MAX_LEN_KEYS = (
@@ -493,18 +495,25 @@ _COLUMN_PARALLEL_BIASES = ("q_proj.bias", "k_proj.bias", "v_proj.bias", "gate_pr
 
 
 def tensor_bytes_per_gpu(tensor: TensorInfo, dtype_bytes: int, tensor_parallel_size: int,
-                         num_kv_heads: int) -> int:
+                         num_kv_heads: int, quantization: QuantizationSpec | None = None,
+                         shapes: dict[str, tuple] | None = None) -> int:
     """Bytes of one checkpoint tensor on one GPU, after dtype conversion and TP sharding.
 
     Embeddings and output projections are vocabulary-parallel (padded shards); K/V
     projections split over at most num_kv_heads GPUs; other matrices split evenly;
     column-parallel biases (q/k/v, gate/up) split with their layer; other vectors (norms,
-    row-parallel biases) and position embeddings are replicated.
+    row-parallel biases) and position embeddings are replicated. Under a quantization
+    scheme, what brim keeps of the tensor (quantization.quantized_tensor_bytes; shapes:
+    every tensor's shape by name), split evenly.
     """
     element_bytes = (dtype_bytes if tensor.dtype in SAFETENSORS_FLOAT_DTYPES
                      else SAFETENSORS_DTYPE_BYTES[tensor.dtype])
     tp = tensor_parallel_size
     name = tensor.name
+    if quantization is not None:
+        kept = quantized_tensor_bytes(quantization, name, tensor.shape, shapes or {})
+        if kept is not None:
+            return -(-kept // tp)
     is_split_vector = len(tensor.shape) == 1 and name.endswith(_COLUMN_PARALLEL_BIASES)
     if (tp == 1 or (len(tensor.shape) < 2 and not is_split_vector) or "wpe" in name
             or "embed_positions" in name):
@@ -516,18 +525,36 @@ def tensor_bytes_per_gpu(tensor: TensorInfo, dtype_bytes: int, tensor_parallel_s
     return -(-tensor.num_elements // split) * element_bytes
 
 
-def weights_bytes_table(tensors: list[TensorInfo], num_kv_heads: int) -> dict[str, int]:
+def weights_bytes_table(tensors: list[TensorInfo], num_kv_heads: int,
+                        quantization: QuantizationSpec | None = None) -> dict[str, int]:
     """Exact checkpoint weight bytes per GPU for every serving-dtype size and planned TP size,
-    keyed "<dtype bytes>x<tp>" (e.g. "2x4": bf16 weights on each of 4 GPUs).
+    keyed "<dtype bytes>x<tp>" (e.g. "2x4": bf16 weights on each of 4 GPUs); for a plain
+    checkpoint also "fp8:<dtype bytes>x<tp>", its weights quantized to FP8 while loading.
 
     A table rather than the tensor list so that the facts stay a few hundred bytes: small
     enough for a pod's termination message (4 KiB), which is how a `pvc://` model's facts
     reach the operator.
     """
-    return {f"{dtype_bytes}x{tp}": sum(tensor_bytes_per_gpu(t, dtype_bytes, tp, num_kv_heads)
-                                       for t in tensors)
+    return {f"{prefix}{dtype_bytes}x{tp}": weights_bytes_of(tensors, dtype_bytes, tp,
+                                                            num_kv_heads, spec)
+            for prefix, spec in _quantization_variants(quantization)
             for dtype_bytes in sorted(set(MODEL_DTYPE_BYTES.values()))
             for tp in TENSOR_PARALLEL_SIZES}
+
+
+def _quantization_variants(declared: QuantizationSpec | None):
+    """Table rows: the checkpoint as declared, and quantized to FP8 on load when plain."""
+    yield "", declared
+    if declared is None:
+        yield "fp8:", QuantizationSpec(method="fp8", bits=8, on_load=True)
+
+
+def weights_bytes_of(tensors, dtype_bytes: int, tensor_parallel_size: int, num_kv_heads: int,
+                     quantization: QuantizationSpec | None = None) -> int:
+    """Weight bytes per GPU of these tensors as brim holds them."""
+    shapes = {t.name: t.shape for t in tensors} if quantization is not None else None
+    return sum(tensor_bytes_per_gpu(t, dtype_bytes, tensor_parallel_size, num_kv_heads,
+                                    quantization, shapes) for t in tensors)
 
 
 # -- a checkpoint's facts, all together ---------------------------------------------------------
@@ -572,21 +599,26 @@ class CheckpointFacts:
             ids.update(_token_ids(self.generation_config.get("eos_token_id")))
         return frozenset(ids)
 
-    def checkpoint_weights_bytes(self, dtype_bytes: int, tensor_parallel_size: int) -> int | None:
-        """Exact weight bytes per GPU from the headers, or None when they were not read."""
+    def checkpoint_weights_bytes(self, dtype_bytes: int, tensor_parallel_size: int,
+                                 quantization: QuantizationSpec | None = None) -> int | None:
+        """Exact weight bytes per GPU from the headers, or None when they were not read.
+
+        quantization: the scheme served (resolve_quantization); None for plain weights.
+        """
         if self.tensors is not None:
-            num_kv_heads = self.model.num_kv_heads
-            return sum(tensor_bytes_per_gpu(t, dtype_bytes, tensor_parallel_size, num_kv_heads)
-                       for t in self.tensors)
+            return weights_bytes_of(self.tensors, dtype_bytes, tensor_parallel_size,
+                                    self.model.num_kv_heads, quantization)
         if self.weights_bytes is None:
             return None
-        return self.weights_bytes.get(f"{dtype_bytes}x{tensor_parallel_size}")
+        prefix = "fp8:" if quantization is not None and quantization.on_load else ""
+        return self.weights_bytes.get(f"{prefix}{dtype_bytes}x{tensor_parallel_size}")
 
     def to_json(self) -> dict:
         """A JSON-able form (without tensors and path) that from_json() reads back."""
         weights = self.weights_bytes
         if self.tensors is not None:
-            weights = weights_bytes_table(list(self.tensors), self.model.num_kv_heads)
+            weights = weights_bytes_table(list(self.tensors), self.model.num_kv_heads,
+                                          checkpoint_quantization(self.config))
         # Only what the facts read from the tokenizer and generation configs: a chat template
         # alone can be kilobytes.
         tokenizer = {k: v for k, v in (self.tokenizer_config or {}).items()

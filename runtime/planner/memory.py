@@ -20,6 +20,8 @@ from brim.runtime.planner.facts import (TENSOR_PARALLEL_SIZES, CheckpointFacts, 
                                         vocab_rows_per_gpu)
 from brim.runtime.planner.lengths import (DEFAULT_MAX_NUM_SEQS, default_max_num_batched_tokens,
                                           is_auto, max_model_len_of, parse_token_count)
+from brim.runtime.planner.quantization import (QuantizationSpec, dequant_workspace_bytes,
+                                               resolve_quantization)
 from brim.runtime.planner.report import MemoryUse
 
 MiB = 2**20
@@ -119,20 +121,49 @@ def cuda_graph_bytes(facts: ModelFacts, max_num_seqs: int) -> int:
     return len(sizes) * facts.num_layers * CUDA_GRAPH_BYTES_PER_LAYER_PER_GRAPH
 
 
+def linear_shapes(facts: ModelFacts, tensor_parallel_size: int = 1) -> list[tuple[int, int]]:
+    """(out_features, in_features) per GPU of one decoder layer's projections, fused as brim
+    serves them: qkv, o, gate_up (or up), down."""
+    tp = tensor_parallel_size
+    h, d = facts.hidden_size, facts.head_dim
+    q = facts.num_attention_heads * d // tp
+    kv = facts.num_kv_heads_per_gpu(tp) * d
+    inter = facts.intermediate_size // tp
+    return [(q + 2 * kv, h), (h, q), ((2 if facts.is_gated_mlp else 1) * inter, h), (h, inter)]
+
+
 def weights_bytes_from_config(facts: ModelFacts, dtype_bytes: int,
-                              tensor_parallel_size: int = 1) -> int:
-    """Weight bytes per GPU implied by config.json's shapes (ModelFacts.num_parameters)."""
-    return facts.num_parameters_per_gpu(tensor_parallel_size) * dtype_bytes
+                              tensor_parallel_size: int = 1,
+                              quantization: QuantizationSpec | None = None) -> int:
+    """Weight bytes per GPU implied by config.json's shapes (ModelFacts.num_parameters).
+
+    Quantized: the decoder projections at bits/8 bytes per weight, plus per group a scale
+    (dtype) and a packed zero (GPTQ/AWQ), or per output channel a float32 scale (FP8).
+    """
+    total = facts.num_parameters_per_gpu(tensor_parallel_size) * dtype_bytes
+    if quantization is None:
+        return total
+    for n, k in linear_shapes(facts, tensor_parallel_size):
+        packed = n * k * quantization.bits // 8
+        if quantization.method == "fp8":
+            extra = n * 4
+        else:
+            groups = -(-k // (k if quantization.group_size == -1 else quantization.group_size))
+            extra = groups * n * (dtype_bytes + quantization.bits / 8)
+        total += facts.num_layers * int(packed + extra - n * k * dtype_bytes)
+    return total
 
 
 def weights_bytes_per_gpu(checkpoint: CheckpointFacts, dtype_bytes: int,
-                          tensor_parallel_size: int = 1) -> tuple[int, str]:
+                          tensor_parallel_size: int = 1,
+                          quantization: QuantizationSpec | None = None) -> tuple[int, str]:
     """(weight bytes per GPU, source): exact from the safetensors headers ("safetensors")
     when they were read, else from config.json's parameter count ("config")."""
-    exact = checkpoint.checkpoint_weights_bytes(dtype_bytes, tensor_parallel_size)
+    exact = checkpoint.checkpoint_weights_bytes(dtype_bytes, tensor_parallel_size, quantization)
     if exact is not None:
         return exact, "safetensors"
-    return weights_bytes_from_config(checkpoint.model, dtype_bytes, tensor_parallel_size), "config"
+    return (weights_bytes_from_config(checkpoint.model, dtype_bytes, tensor_parallel_size,
+                                      quantization), "config")
 
 
 # -- the request and the plan ---------------------------------------------------------------
@@ -161,6 +192,8 @@ class PlanRequest:
         operator feeds a failed pod's report back), added to the non-KV memory.
     device: "cuda" plans one GPU's memory; "cpu" plans a CPU runtime's memory
         (gpu_memory_bytes is then the container's memory).
+    quantization: None serves the checkpoint as declared (quantized or not); "fp8"
+        quantizes a plain checkpoint's projections while loading (planner.quantization).
     """
 
     checkpoint: CheckpointFacts
@@ -179,6 +212,7 @@ class PlanRequest:
     min_model_len: int | str | None = None
     extra_non_kv_bytes: int = 0
     device: str = "cuda"
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         if self.min_concurrency < 1:
@@ -236,6 +270,7 @@ class Plan:
     device: str = "cuda"
     min_model_len: int | None = None
     extra_non_kv_bytes: int = 0
+    quantization: str | None = None  # the scheme served (QuantizationSpec.describe())
 
     def concurrency_at(self, num_tokens: int) -> int:
         """Requests of num_tokens tokens the KV cache holds at once."""
@@ -268,6 +303,7 @@ class _Inputs:
     dtype: str
     kv_cache_dtype: str
     num_batched_tokens: int
+    quantization: QuantizationSpec | None = None
 
 
 def _gib(num_bytes: float) -> str:
@@ -317,7 +353,8 @@ def _resolve(request: PlanRequest) -> _Inputs:
                    requested_len=requested_len, is_auto_len=is_auto_len, min_len=min_len,
                    dtype=dtype,
                    kv_cache_dtype=resolve_kv_cache_dtype(request.kv_cache_dtype, dtype),
-                   num_batched_tokens=num_tokens)
+                   num_batched_tokens=num_tokens,
+                   quantization=resolve_quantization(request.quantization, checkpoint.config))
 
 
 def _auto_utilization(needed: int, total: int) -> float:
@@ -336,7 +373,8 @@ def _plan_one(inputs: _Inputs, tp: int, utilization: float | str) -> Plan:
     dtype_bytes = MODEL_DTYPE_BYTES[inputs.dtype]
 
     on_cpu = request.device == "cpu"
-    weights, source = weights_bytes_per_gpu(request.checkpoint, dtype_bytes, tp)
+    weights, source = weights_bytes_per_gpu(request.checkpoint, dtype_bytes, tp,
+                                            inputs.quantization)
     weights += rope_table_bytes(facts)
     if on_cpu and facts.tie_word_embeddings:
         # The CPU runtime packs the output projection for oneDNN (models/cpu_linear.py): a
@@ -346,6 +384,8 @@ def _plan_one(inputs: _Inputs, tp: int, utilization: float | str) -> Plan:
     activations = activation_bytes(facts, dtype_bytes, num_tokens,
                                    min(request.max_num_seqs, num_tokens), tp,
                                    workspace_bytes=0 if on_cpu else CUBLAS_WORKSPACE_BYTES)
+    activations += dequant_workspace_bytes(inputs.quantization, linear_shapes(facts, tp),
+                                           dtype_bytes, request.device)
     graphs = 0 if request.enforce_eager or on_cpu else cuda_graph_bytes(facts,
                                                                         request.max_num_seqs)
     non_kv = weights + non_torch + activations + graphs + request.extra_non_kv_bytes
@@ -410,6 +450,7 @@ def _plan_one(inputs: _Inputs, tp: int, utilization: float | str) -> Plan:
         max_concurrency=num_blocks // -(-max_len // block_size) if max_len > 0 else 0,
         fits=fits, messages=tuple(messages), device=request.device, min_model_len=inputs.min_len,
         extra_non_kv_bytes=request.extra_non_kv_bytes,
+        quantization=inputs.quantization.describe() if inputs.quantization else None,
     )
 
 

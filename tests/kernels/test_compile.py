@@ -58,7 +58,7 @@ def check(records: list[dict], arch: int) -> None:
         assert record["shared"] <= MAX_SHARED_BYTES[arch], record
     kernels = {r["kernel"] for r in records}
     assert kernels == {"_decode_kernel", "_reduce_splits_kernel", "_prefill_kernel",
-                       "_store_kv_kernel"}
+                       "_store_kv_kernel", "_quant_matmul_kernel"}
 
 
 @pytest.mark.parametrize("arch", [80, 90])

@@ -193,3 +193,34 @@ def test_one_replica_has_no_pdb_and_is_replaced_not_surged(gpu_plan):
         "type": "Recreate"}
     many = ch.build_deployment(md, spec, plan, SETTINGS)["spec"]["strategy"]
     assert many["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+
+
+def test_fp8_weights_and_kv_cache_reach_the_runtime_and_stretch_the_plan():
+    """spec.engine.quantization/kvCacheDtype: planned (half the weight and KV bytes) and
+    passed to `brim serve` as flags its own parser reads."""
+    nodes = [gpu_node("l4", "NVIDIA-L4", 1, 23034)]
+    engine = {"maxModelLen": "auto"}
+    _, plain = _planned(model_deployment("llama", engine=engine), nodes)
+    md = model_deployment("llama", engine={**engine, "kvCacheDtype": "fp8",
+                                           "quantization": "fp8"})
+    spec, plan = _planned(md, nodes)
+
+    assert plan["kvBytesPerToken"] * 2 == plain["kvBytesPerToken"]
+    assert plan["quantization"] == "fp8 (quantized while loading)"
+    assert plan["weightsBytes"] < 0.6 * plain["weightsBytes"]
+    assert plan["numGpuBlocks"] > 2 * plain["numGpuBlocks"]
+    args = ch.build_deployment(md, spec, plan, SETTINGS)["spec"]["template"]["spec"][
+        "containers"][0]["args"]
+    from brim.runtime.cli import build_parser
+
+    parsed = build_parser(args).parse_args(args)
+    assert (parsed.kv_cache_dtype, parsed.quantization) == ("fp8", "fp8")
+
+
+def test_an_e5m2_kv_cache_is_refused_as_unsupported():
+    from brim.operator.reconcile import _unsupported
+
+    spec = parse_spec(model_deployment("llama", engine={"kvCacheDtype": "fp8_e5m2"}))
+    assert "stores an FP8 KV cache as e4m3" in _unsupported(spec)
+    assert _unsupported(parse_spec(model_deployment("llama",
+                                                    engine={"kvCacheDtype": "fp8"}))) is None

@@ -107,3 +107,21 @@ def test_planner_and_cli_import_no_torch(tmp_path):
     # From an empty folder: the repository root on sys.path would shadow stdlib `operator`.
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path,
                    stdout=subprocess.DEVNULL)
+
+
+def test_fp8_weights_and_kv_cache_on_an_l4(capsys):
+    """Llama-3.1-8B on one L4: bf16 KV holds 22,832 tokens; FP8 KV twice that; FP8 weights
+    too leave room for the model's whole 128k context."""
+    config = str(CONFIGS / "Llama-3.1-8B-Instruct.json")
+    lengths = []
+    for extra in ([], ["--kv-cache-dtype", "fp8"],
+                  ["--kv-cache-dtype", "fp8", "--quantization", "fp8"]):
+        code, out, _ = run(capsys, "--config", config, "--gpu", "L4", "--max-model-len",
+                           "auto", "--json", *extra)
+        assert code == 0
+        lengths.append(json.loads(out)["max_model_len"])
+    assert lengths == [22832, 45664, 131072]
+    code, out, _ = run(capsys, "--config", config, "--gpu", "L4", "--quantization", "fp8")
+    assert "fp8 (quantized while loading), from config" in out
+    code, _, err = run(capsys, "--config", config, "--gpu", "L4", "--quantization", "gptq")
+    assert code == 2 and "--quantization gptq needs a checkpoint quantized with GPTQ" in err

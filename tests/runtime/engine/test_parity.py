@@ -133,3 +133,30 @@ def test_tensor_parallel_3_matches_transformers_batched_and_under_preemption(
     stats = tp3_engine.get_stats()
     assert stats.num_preemptions == preemptions
     assert stats.num_used_blocks == 0 and stats.num_running == 0 and stats.num_waiting == 0
+
+
+def agreement(reference: list[list[int]], got: list[list[int]]) -> list[int]:
+    """Per prompt: generated tokens equal to the reference before the first divergence."""
+    counts = []
+    for want, have in zip(reference, got):
+        n = 0
+        while n < len(want) and n < len(have) and want[n] == have[n]:
+            n += 1
+        counts.append(n)
+    return counts
+
+
+@pytest.mark.slow
+def test_bundled_model_fp8_kv_cache_mostly_agrees(bundled_model_dir, parity_prompts,
+                                                  hf_reference, capsys):
+    llm = LLM(str(bundled_model_dir), dtype="float32", device="cpu", kv_cache_dtype="fp8")
+
+    got = _generate(llm, parity_prompts)
+
+    counts = agreement(hf_reference, got)
+    total = len(parity_prompts) * NUM_NEW_TOKENS
+    with capsys.disabled():
+        print(f"\nFP8 KV cache vs float32 transformers, tokens before the first divergence "
+              f"(of {NUM_NEW_TOKENS}): {counts} = {sum(counts)}/{total}")
+    # Measured 122/256 (docs/benchmarks.md); a broken cache diverges at once.
+    assert min(counts) >= 3 and sum(counts) >= 100, counts
