@@ -39,8 +39,13 @@ class PackedIntLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [tokens, in_features] -> [tokens, out_features]
+        # The backend follows the device, as the model's attention does: the Triton kernel
+        # on CUDA, the torch path on CPU (even where TRITON_INTERPRET=1 is set, as the kernel
+        # tests set it: interpreting a whole model's matmuls takes minutes).
+        backend = "triton" if x.is_cuda else "torch"
         return quant_matmul(x, self.qweight, self.qzeros, self.scales, self.perm,
-                            bits=self.bits, group_size=self.group_size, bias=self.bias)
+                            bits=self.bits, group_size=self.group_size, bias=self.bias,
+                            backend=backend)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
