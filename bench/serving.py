@@ -342,7 +342,9 @@ def main() -> int:
     ratios = {}
     for c in args.concurrency:
         b, v = table.get(f"brim@{c}"), table.get(f"vllm@{c}")
-        if b and v:
+        # A level where no request finished within the phase (too short for it) has no
+        # figures to compare.
+        if b and v and v["output_tok_s"] and v["itl_p50_ms"] and v["ttft_p50_ms"]:
             ratios[c] = {"output_tok_s": b["output_tok_s"] / v["output_tok_s"],
                          "itl_p50": b["itl_p50_ms"] / v["itl_p50_ms"],
                          "ttft_p50": b["ttft_p50_ms"] / v["ttft_p50_ms"]}
