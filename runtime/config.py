@@ -208,6 +208,8 @@ class EngineConfig:
     seed: int = 0
     speculative: SpeculativeConfig | None = None  # engine/speculative.py; None: off
     parallel: ParallelConfig = ParallelConfig()
+    # The draft model of speculative method "draft_model" (engine/draft.py), else None.
+    draft_model: ModelConfig | None = None
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -223,12 +225,39 @@ class EngineConfig:
                     f"tensor_parallel_size=1 only, got {self.parallel.tensor_parallel_size}: "
                     "the tensor-parallel loader slices float weights. Use "
                     "tensor_parallel_size=1, or a float checkpoint without --quantization")
+        self._check_draft_model()
         # A cache capped below one full-length request can be refused before any weight loads.
         cap = self.cache.num_gpu_blocks
         if (cap is not None and not self.model.auto_max_model_len
                 and cap * self.cache.block_size < self.model.max_model_len):
             raise KVCacheTooSmallError(cap, self.cache.block_size, self.model.max_model_len,
                                        "raise num_gpu_blocks")
+
+    def _check_draft_model(self) -> None:
+        spec, draft = self.speculative, self.draft_model
+        wants_draft = spec is not None and spec.method == "draft_model"
+        if wants_draft != (draft is not None):
+            raise ValueError("a draft model config goes with speculative method draft_model "
+                             "(EngineConfig.create loads it from speculative_config's model)")
+        if draft is None:
+            return
+        if self.parallel.tensor_parallel_size > 1:
+            raise ValueError(
+                f"draft-model speculation runs with tensor_parallel_size=1 only, got "
+                f"{self.parallel.tensor_parallel_size}; use n-gram speculation "
+                '({"method": "ngram", ...}) with tensor parallelism')
+        target_vocab, draft_vocab = self.model.facts.vocab_size, draft.facts.vocab_size
+        if draft_vocab != target_vocab:
+            raise ValueError(
+                f"the draft model {draft.path} has a vocabulary of {draft_vocab} tokens, the "
+                f"target {self.model.path} {target_vocab}: a draft must share the target's "
+                "tokenizer and vocabulary (e.g. a smaller model of the same family)")
+        positions = draft.facts.max_position_embeddings
+        if positions < self.model.max_model_len:
+            raise ValueError(
+                f"the draft model {draft.path} handles positions up to {positions}, below "
+                f"max_model_len={self.model.max_model_len}; lower max_model_len to {positions} "
+                "or pick a draft with a longer context")
 
     @property
     def kv_cache_dtype(self) -> str:
@@ -274,6 +303,15 @@ class EngineConfig:
             allow_long_max_model_len=allow_long_max_model_len,
             quantization=quantization,
         )
+        spec = SpeculativeConfig.parse(speculative_config)
+        draft_config = None
+        if spec is not None and spec.method == "draft_model":
+            spec, draft_config = _draft_model_config(spec, model_config, device)
+            positions = draft_config.facts.max_position_embeddings
+            if (model_config.max_model_len > positions
+                    and (max_model_len is None or is_auto(max_model_len))):
+                # Not asked for a length: serve what both models handle (refused otherwise).
+                model_config = replace(model_config, max_model_len=positions)
         max_len = model_config.max_model_len
         if max_num_seqs is None:
             max_num_seqs = DEFAULT_MAX_NUM_SEQS
@@ -292,5 +330,19 @@ class EngineConfig:
             kv_cache_dtype=kv_cache_dtype,
         )
         return cls(model_config, cache_config, scheduler_config, device=device, seed=seed,
-                   speculative=SpeculativeConfig.parse(speculative_config),
-                   parallel=parallel_config)
+                   speculative=spec, parallel=parallel_config, draft_model=draft_config)
+
+
+def _draft_model_config(spec: SpeculativeConfig, target: ModelConfig,
+                        device: str) -> tuple[SpeculativeConfig, ModelConfig]:
+    """The draft's folder (a Hub id is downloaded like the target's) and its facts, in the
+    target's dtype."""
+    from brim.runtime.models.hub import resolve_model
+
+    try:
+        path = resolve_model(spec.model)
+    except (FileNotFoundError, ValueError) as exc:
+        raise type(exc)(f"speculative_config model: {exc}") from None
+    draft = ModelConfig.from_path(path, dtype=target.dtype, device=device,
+                                  allow_long_max_model_len=True)
+    return replace(spec, model=str(path)), draft

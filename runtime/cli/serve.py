@@ -99,7 +99,9 @@ def register(subparsers) -> None:
     engine.add_argument("--speculative-config", default=None, metavar="JSON",
                         help='speculative decoding, as vLLM\'s: \'{"method": "ngram", '
                              '"num_speculative_tokens": 3, "prompt_lookup_max": 3}\' (guesses '
-                             "from the request's own tokens; greedy output is unchanged)")
+                             "from the request's own tokens) or '{\"model\": \"<draft>\", "
+                             '"num_speculative_tokens": 4}\' (a smaller model with the same '
+                             "vocabulary); greedy output is unchanged")
     engine.add_argument("--memory-report-path", default=None, metavar="PATH",
                         help="when the KV cache cannot hold --max-model-len, write the memory "
                              "report (JSON: predicted and measured) here before exiting; in "

@@ -21,9 +21,14 @@ logger = logging.getLogger(__name__)
 
 
 def kv_bytes_per_token(config: EngineConfig) -> int:
-    """What one token's K and V cost on one rank (in the KV cache's dtype)."""
-    return config.model.facts.kv_bytes_per_token(KV_CACHE_DTYPE_BYTES[config.kv_cache_dtype],
-                                                 config.parallel.tensor_parallel_size)
+    """What one token's K and V cost on one rank (in the KV cache's dtype): the target's,
+    plus a draft model's (engine/draft.py), whose cache shares the target's blocks."""
+    element = KV_CACHE_DTYPE_BYTES[config.kv_cache_dtype]
+    per_token = config.model.facts.kv_bytes_per_token(element,
+                                                      config.parallel.tensor_parallel_size)
+    if config.draft_model is not None:
+        per_token += config.draft_model.facts.kv_bytes_per_token(element)
+    return per_token
 
 
 def size_kv_cache(config: EngineConfig, model, weights_bytes: int,

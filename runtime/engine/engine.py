@@ -110,6 +110,12 @@ class Engine:
                                 quantization=model_config.quantization)
         self.tokenizer = load_tokenizer(model_config.path)
         weights = model_weights_bytes(self.model)
+        draft_model = None
+        if config.draft_model is not None:  # loaded before sizing: its weights count too
+            draft = config.draft_model
+            draft_model = load_model(draft.path, draft.facts, draft.dtype, config.device,
+                                     quantization=draft.quantization)
+            weights += model_weights_bytes(draft_model)
         measured: list[int] = []  # this rank's block count before the ranks agree
 
         def agree(num_blocks: int) -> int:
@@ -121,7 +127,10 @@ class Engine:
         self.config = fit_max_model_len(config, self.memory_report)
         self.kv_cache = KVCacheManager(self.num_gpu_blocks, config.cache.block_size,
                                        config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(self.config.scheduler, self.kv_cache)
+        spec = self.config.speculative
+        # A draft model writes its guesses' KV after the step: the scheduler sets slots aside.
+        lookahead = spec.num_speculative_tokens if draft_model is not None else 0
+        self.scheduler = Scheduler(self.config.scheduler, self.kv_cache, lookahead)
         if workers is None:
             self.runner = ModelRunner(self.config, self.model, self.num_gpu_blocks)
         else:
@@ -142,8 +151,15 @@ class Engine:
         self.parents: dict[str, list[Request]] = {}  # req_id -> its n children
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
-        spec = self.config.speculative
-        self.proposer = NgramProposer(spec) if spec is not None else None
+        self.proposer = None
+        if draft_model is not None:
+            from brim.runtime.engine.draft import DraftModelProposer
+
+            self.proposer = DraftModelProposer(self.config, draft_model, self.num_gpu_blocks,
+                                               self.kv_cache, self.runner.sampler)
+            self.runner.draft = self.proposer
+        elif spec is not None:
+            self.proposer = NgramProposer(spec)
         self.num_spec_drafts = 0  # steps in which a request had guesses checked
         self.num_spec_draft_tokens = 0  # guesses checked
         self.num_spec_accepted_tokens = 0
@@ -271,13 +287,24 @@ class Engine:
         bounded so that the tokens a step may emit stay within max_tokens and
         max_model_len."""
         max_len = self.max_model_len
+        batch = []
         for request in self.scheduler.running:
             request.spec_token_ids = []
             if request.num_tokens - request.num_computed_tokens != 1:
                 continue
             limit = min(request.max_tokens - request.num_output_tokens,
                         max_len - request.num_tokens) - 1
-            request.spec_token_ids = self.proposer.propose(request, limit)
+            if limit > 0:
+                batch.append((request, limit))
+        try:
+            self.proposer.propose_all(batch)
+        except EngineDeadError:
+            raise
+        except Exception:  # guesses only save steps: without them nothing is lost
+            logger.exception("speculative proposal over %d requests failed; this step "
+                             "decodes without guesses", len(batch))
+            for request, _ in batch:
+                request.spec_token_ids, request.spec_probs = [], None
 
     def _count_speculation(self, out: SchedulerOutput, sampled: Sampled) -> None:
         for s in out.scheduled:

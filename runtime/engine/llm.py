@@ -43,6 +43,9 @@ class LLM:
     kv_cache_dtype: "auto" (the model dtype) or "fp8" (e4m3, half the bytes per token).
     quantization: None reads the checkpoint's scheme (GPTQ, AWQ, FP8 or none); "fp8"
         quantizes a plain checkpoint's linear layers to FP8 while loading.
+    speculative_config: vLLM's: {"method": "ngram", "num_speculative_tokens": k, ...} (prompt
+        lookup) or {"model": <draft folder or Hub id>, "num_speculative_tokens": k} (a draft
+        model with the target's vocabulary); see docs/engine.md.
     """
 
     def __init__(

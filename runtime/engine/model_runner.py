@@ -34,19 +34,11 @@ class ModelRunner:
         self.device = torch.device(config.device)
         self.block_size = config.cache.block_size
         self.backend = "triton" if self.device.type == "cuda" else "torch"
-        facts = model.facts
-        kv_dtype = config.kv_cache_dtype
-        dtype = torch.float8_e4m3fn if kv_dtype == "fp8" else TORCH_DTYPES[kv_dtype]
-        num_kv_heads = facts.num_kv_heads_per_gpu(config.parallel.tensor_parallel_size)
-        shape = (num_blocks, self.block_size, num_kv_heads, facts.head_dim)
-        # Per layer (k_cache, v_cache). Zeroed: attention masks unused slots, but a
-        # never-written slot must not hold NaN bit patterns either.
-        self.kv_caches = [
-            (torch.zeros(shape, dtype=dtype, device=self.device),
-             torch.zeros(shape, dtype=dtype, device=self.device))
-            for _ in range(facts.num_layers)
-        ]
+        num_kv_heads = model.facts.num_kv_heads_per_gpu(config.parallel.tensor_parallel_size)
+        self.kv_caches = allocate_kv_caches(config, model.facts, num_kv_heads, num_blocks)
         self.sampler = Sampler(config.seed)
+        # A draft model (engine/draft.py) runs every step's tokens too, into its own cache.
+        self.draft = None
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> list[tuple[list[int], list]] | None:
@@ -73,8 +65,11 @@ class ModelRunner:
         for i, s in enumerate(sampling):
             num_rows = 1 + len(s.spec_token_ids)
             if s.spec_token_ids:
+                q = s.request.spec_probs  # a draft model's distributions, when it sampled
+                if q is not None:
+                    q = q[:len(s.spec_token_ids)]
                 verified[i] = self.sampler.verify(logits[row:row + num_rows], s.request,
-                                                  s.spec_token_ids)
+                                                  s.spec_token_ids, draft_probs=q)
             else:
                 plain.append(s.request)
                 plain_rows.append(row)
@@ -115,24 +110,49 @@ class ModelRunner:
     def forward(self, step: StepInputs) -> torch.Tensor | None:
         """The step through the model: logits [len(logits_rows), vocab], or None when no
         row samples (and on tensor-parallel ranks other than 0)."""
+        return run_model(self.model, self.kv_caches, step, self.device, self.backend,
+                         self.block_size, mirror=self.draft)
 
-        def tensor(values, dtype):
-            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
 
-        md = AttentionMetadata(
-            slot_mapping=tensor(step.slot_mapping, torch.int64),
-            block_tables=tensor(step.block_tables, torch.int32),
-            query_start_loc=tensor(step.query_start_loc, torch.int32),
-            seq_lens=tensor(step.seq_lens, torch.int32),
-            max_seq_len=max(step.seq_lens),
-            backend=self.backend,
-        )
-        if self.backend == "torch":  # one plan for every layer of the step
-            md.cpu_plan = CpuAttentionPlan.build(md.block_tables, md.query_start_loc,
-                                                 md.seq_lens, self.block_size)
-        hidden = self.model(tensor(step.input_ids, torch.int64),
-                            tensor(step.positions, torch.int64), self.kv_caches, md)
-        if not step.logits_rows:
-            return None
-        # Logits only where a token is sampled: the vocab matmul is the largest one.
-        return self.model.compute_logits(hidden[tensor(step.logits_rows, torch.int64)])
+def allocate_kv_caches(config: EngineConfig, facts, num_kv_heads: int,
+                       num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer (k_cache, v_cache), [num_blocks, block_size, num_kv_heads, head_dim] in the
+    KV cache's dtype. Zeroed: attention masks unused slots, but a never-written slot must
+    not hold NaN bit patterns either."""
+    kv_dtype = config.kv_cache_dtype
+    dtype = torch.float8_e4m3fn if kv_dtype == "fp8" else TORCH_DTYPES[kv_dtype]
+    shape = (num_blocks, config.cache.block_size, num_kv_heads, facts.head_dim)
+    device = torch.device(config.device)
+    return [(torch.zeros(shape, dtype=dtype, device=device),
+             torch.zeros(shape, dtype=dtype, device=device)) for _ in range(facts.num_layers)]
+
+
+def run_model(model, kv_caches, step: StepInputs, device: torch.device, backend: str,
+              block_size: int, mirror=None) -> torch.Tensor | None:
+    """`step` through `model` over its paged `kv_caches`: logits at step.logits_rows, or
+    None when there are none. mirror: a draft proposer whose model runs the same tokens into
+    its own cache (the same attention metadata serves both)."""
+
+    def tensor(values, dtype):
+        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+    md = AttentionMetadata(
+        slot_mapping=tensor(step.slot_mapping, torch.int64),
+        block_tables=tensor(step.block_tables, torch.int32),
+        query_start_loc=tensor(step.query_start_loc, torch.int32),
+        seq_lens=tensor(step.seq_lens, torch.int32),
+        max_seq_len=max(step.seq_lens),
+        backend=backend,
+    )
+    if backend == "torch":  # one plan for every layer of the step
+        md.cpu_plan = CpuAttentionPlan.build(md.block_tables, md.query_start_loc,
+                                             md.seq_lens, block_size)
+    input_ids = tensor(step.input_ids, torch.int64)
+    positions = tensor(step.positions, torch.int64)
+    hidden = model(input_ids, positions, kv_caches, md)
+    if mirror is not None:
+        mirror.mirror(input_ids, positions, md)
+    if not step.logits_rows:
+        return None
+    # Logits only where a token is sampled: the vocab matmul is the largest one.
+    return model.compute_logits(hidden[tensor(step.logits_rows, torch.int64)])

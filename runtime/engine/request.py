@@ -32,7 +32,7 @@ class Request:
         "num_cached_tokens", "status", "finish_reason", "stop_reason", "arrival_time",
         "generator", "logprobs", "cumulative_logprob", "text", "detokenizer",
         "num_preemptions", "first_token_time", "cache_salt", "block_hashes",
-        "spec_token_ids", "spec_state",
+        "spec_token_ids", "spec_state", "spec_probs",
     )
 
     def __init__(
@@ -80,6 +80,9 @@ class Request:
         # and the proposer's own per-request state.
         self.spec_token_ids: list[int] = []
         self.spec_state = None
+        # A draft model's distribution for each guess it sampled ([k, vocab]); None when the
+        # guesses are certain (n-gram lookup, greedy drafts).
+        self.spec_probs = None
 
     @property
     def num_tokens(self) -> int:

@@ -83,15 +83,17 @@ class Sampler:
                                                    request.params.logprobs)
         return SamplerOutput(token_list, logprobs)
 
-    def verify(self, logits: torch.Tensor, request: Request,
-               guesses: list[int]) -> tuple[list[int], list]:
+    def verify(self, logits: torch.Tensor, request: Request, guesses: list[int],
+               draft_probs: torch.Tensor | None = None) -> tuple[list[int], list]:
         """Check k guessed tokens against the target (speculative.py).
 
         logits: [k + 1, V], the target's at the request's last token and at each guess.
+        draft_probs: [k, V], the distribution q_i each guess was drawn from; None when the
+        guesses were certain (q_i one-hot: a lookup, or a greedy draft).
         Returns the tokens to emit — the accepted guesses, then one of the target's own —
         and a logprobs entry (or None) per token. Greedy: the longest run of guesses equal
-        to the argmax. Sampling: guess i is accepted with probability p_i(guess) (a guess
-        from a lookup is certain, q = 1), else the token is drawn from p_i without it,
+        to the argmax. Sampling: guess i is accepted with probability
+        min(1, p_i(guess) / q_i(guess)), else the token is drawn from max(p_i - q_i, 0),
         renormalised; all accepted, the last row gives one more. Each token is distributed
         as the target alone would draw it.
         """
@@ -116,12 +118,20 @@ class Sampler:
             probs = self._probs(logits, [request] * (k + 1))
             draws = torch.rand(k, generator=generator).tolist()
             tokens = []
+            q = draft_probs.float().to(probs.device) if draft_probs is not None else None
             for row, guess in enumerate(guesses):
-                if draws[row] < float(probs[row, guess]):
+                q_guess = 1.0 if q is None else float(q[row, guess])
+                # u < p / q, written without dividing (q of a drawn guess is > 0).
+                if draws[row] * q_guess < float(probs[row, guess]):
                     tokens.append(guess)
                     continue
-                residual = probs[row].clone()
-                residual[guess] = 0.0
+                if q is None:
+                    residual = probs[row].clone()
+                    residual[guess] = 0.0
+                else:
+                    residual = (probs[row] - q[row]).clamp_(min=0.0)
+                if not float(residual.sum()) > 0.0:  # p == q up to rounding: p itself
+                    residual = probs[row]
                 tokens.append(_draw(residual, generator))
                 break
             else:

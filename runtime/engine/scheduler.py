@@ -48,9 +48,15 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager) -> None:
+    """lookahead: slots past a step's tokens to give each request when the pool has them,
+    for a draft model to write its guesses' KV into after the step (engine/draft.py);
+    never a reason to preempt."""
+
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager,
+                 lookahead: int = 0) -> None:
         self.config = config
         self.kv_cache = kv_cache
+        self.lookahead = lookahead
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -73,7 +79,7 @@ class Scheduler:
             # A decode with guesses computes them too, as far as the budget goes.
             spec = request.spec_token_ids[:budget - 1] if num_new == 1 else []
             num_new = min(num_new + len(spec), budget)
-            while not self.kv_cache.allocate_slots(request, num_new):
+            while not self._allocate(request, num_new):
                 victim = self.running.pop()  # the newest running request
                 self._preempt(victim)
                 out.preempted.append(victim.req_id)
@@ -97,7 +103,7 @@ class Scheduler:
             request = self.waiting[0]
             hits, num_cached = self.kv_cache.get_computed_blocks(request)
             num_new = min(request.num_tokens - num_cached, budget)
-            if not self.kv_cache.allocate_slots(request, num_new, hits):
+            if not self._allocate(request, num_new, hits):
                 break  # FCFS: nobody jumps the queue while the head waits for blocks
             self.waiting.popleft()
             self.kv_cache.record_prefix_lookup(request.num_tokens, num_cached)
@@ -110,6 +116,13 @@ class Scheduler:
                                                   self.kv_cache.block_table(request.req_id)))
             budget -= num_new
         return out
+
+    def _allocate(self, request: Request, num_new: int, hits=()) -> bool:
+        """Slots for num_new more tokens, plus the lookahead when the pool has it."""
+        if self.lookahead and self.kv_cache.allocate_slots(request, num_new + self.lookahead,
+                                                           hits):
+            return True
+        return self.kv_cache.allocate_slots(request, num_new, hits)
 
     def _preempt(self, request: Request) -> None:
         self.kv_cache.free(request)
@@ -140,7 +153,7 @@ class Scheduler:
             request.num_computed_tokens += (s.num_new_tokens - len(s.spec_token_ids)
                                             + len(tokens) - 1)
             if s.spec_token_ids:  # roll the block table back to what holds computed KV
-                self.kv_cache.trim(request, request.num_computed_tokens)
+                self.kv_cache.trim(request, request.num_computed_tokens + self.lookahead)
             num_appended = 0
             for token in tokens:
                 request.append_token(token)

@@ -15,6 +15,11 @@ Proposers:
 - n-gram prompt lookup ("ngram"): the last n tokens (n from prompt_lookup_max down to
   prompt_lookup_min) are looked up in the request's own prompt and output; what followed
   their latest earlier occurrence is the guess. No model, so q is one-hot on the guess.
+- a draft model ("draft_model", engine/draft.py): a smaller model with the target's
+  vocabulary guesses k tokens one at a time (greedy for greedy requests, sampled from its own
+  distribution q otherwise). It keeps its own KV cache in the target's blocks: the same
+  block tables, its own tensors, written by the same steps (so prefix caching, preemption and
+  chunked prefill need nothing of their own).
 """
 
 from __future__ import annotations
@@ -24,24 +29,34 @@ from dataclasses import dataclass
 
 MAX_SPECULATIVE_TOKENS = 16
 MAX_PROMPT_LOOKUP = 32
-METHODS = ("ngram",)
-_KEYS = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "model")
+METHODS = ("ngram", "draft_model")
+_KEYS = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "model",
+         "draft_tensor_parallel_size")
+_NGRAM_KEYS = ("prompt_lookup_max", "prompt_lookup_min")
+_UNSUPPORTED = ("eagle", "eagle3", "medusa", "mtp", "mlp_speculator", "suffix")
 
 
 @dataclass(frozen=True, slots=True)
 class SpeculativeConfig:
-    """method: "ngram". num_speculative_tokens: guesses per step (k).
-    prompt_lookup_max / _min: the longest and shortest suffix the n-gram proposer matches."""
+    """method: "ngram" or "draft_model". num_speculative_tokens: guesses per step (k).
+    prompt_lookup_max / _min: the longest and shortest suffix the n-gram proposer matches.
+    model: the draft model (a checkpoint folder or Hub id; resolved to a folder by
+    EngineConfig.create) for "draft_model"."""
 
     method: str
     num_speculative_tokens: int
     prompt_lookup_max: int = 3
     prompt_lookup_min: int = 1
+    model: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"speculative method {self.method!r} is not supported; brim "
                              f"supports {', '.join(METHODS)}")
+        if (self.method == "draft_model") != (self.model is not None):
+            raise ValueError('a draft model is named by "model" with method "draft_model" '
+                             '(and only then), e.g. {"model": "/models/draft", '
+                             '"num_speculative_tokens": 4}')
         k = self.num_speculative_tokens
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_SPECULATIVE_TOKENS:
             raise ValueError(f"num_speculative_tokens must be an integer in 1.."
@@ -75,25 +90,49 @@ class SpeculativeConfig:
         if unknown:
             raise ValueError(f"speculative_config has unknown keys {unknown}; brim knows "
                              f"{', '.join(_KEYS)}")
-        if value.get("model") is not None or value.get("method") in ("draft_model", "eagle",
-                                                                      "eagle3", "medusa", "mtp"):
-            raise ValueError("draft-model speculation is not supported by this brim (only "
-                             'prompt lookup); use {"method": "ngram", "num_speculative_tokens": '
-                             "k}")
+        method = value.get("method")
+        if method in _UNSUPPORTED:
+            raise ValueError(f"speculative method {method!r} is not supported by brim; use "
+                             '{"method": "ngram", ...} (prompt lookup) or {"model": '
+                             '"<draft checkpoint>", ...} (a draft model)')
+        model = value.get("model")
+        if method is None:  # vLLM's rule: a named model means a draft model
+            method = "draft_model" if model is not None else "ngram"
+        if method == "draft_model":
+            if not isinstance(model, str) or not model:
+                raise ValueError('method "draft_model" needs "model": the draft checkpoint '
+                                 "(a folder or Hugging Face repository id) with the target's "
+                                 "vocabulary")
+            given = sorted(set(value) & set(_NGRAM_KEYS))
+            if given:
+                raise ValueError(f"{', '.join(given)} apply to method ngram only; drop them "
+                                 "for a draft model")
+            draft_tp = value.get("draft_tensor_parallel_size", 1)
+            if draft_tp != 1:
+                raise ValueError(f"draft_tensor_parallel_size must be 1 (the draft runs on "
+                                 f"one device), got {draft_tp!r}")
+        elif model is not None:
+            raise ValueError(f'"model" names a draft model, which method {method!r} does not '
+                             'use; drop it, or use method "draft_model"')
         if "num_speculative_tokens" not in value:
             raise ValueError("speculative_config needs num_speculative_tokens (the guesses "
                              f"per step, 1..{MAX_SPECULATIVE_TOKENS})")
         k = value["num_speculative_tokens"]
+        if method == "draft_model":
+            return cls(method=method, num_speculative_tokens=k, model=model)
         hi = value.get("prompt_lookup_max")
         lo = value.get("prompt_lookup_min")
         if lo is None:
             lo = 1
         if hi is None:
             hi = max(3, lo) if isinstance(lo, int) else 3
-        return cls(method=value.get("method", "ngram"), num_speculative_tokens=k,
-                   prompt_lookup_max=hi, prompt_lookup_min=lo)
+        return cls(method=method, num_speculative_tokens=k, prompt_lookup_max=hi,
+                   prompt_lookup_min=lo)
 
     def to_dict(self) -> dict:
+        if self.method == "draft_model":
+            return {"method": self.method, "model": self.model,
+                    "num_speculative_tokens": self.num_speculative_tokens}
         return {"method": self.method, "num_speculative_tokens": self.num_speculative_tokens,
                 "prompt_lookup_max": self.prompt_lookup_max,
                 "prompt_lookup_min": self.prompt_lookup_min}
@@ -110,6 +149,11 @@ class NgramProposer:
     def __init__(self, config: SpeculativeConfig) -> None:
         self.k = config.num_speculative_tokens
         self.lo, self.hi = config.prompt_lookup_min, config.prompt_lookup_max
+
+    def propose_all(self, batch) -> None:
+        """Set spec_token_ids for each (request, limit) pair."""
+        for request, limit in batch:
+            request.spec_token_ids = self.propose(request, limit)
 
     def propose(self, request, limit: int) -> list[int]:
         """Up to min(k, limit) guessed tokens to follow request.all_token_ids."""

@@ -326,16 +326,20 @@ def test_min_tokens_suppresses_eos_and_stop_tokens():
 # -- everything comes back -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("speculative", [False, True])
+@pytest.mark.parametrize("speculative, lookahead", [(False, 0), (True, 0), (True, 3)])
 @pytest.mark.parametrize("enable_prefix_caching", [False, True])
-def test_every_block_is_free_after_a_busy_random_workload(enable_prefix_caching, speculative):
+def test_every_block_is_free_after_a_busy_random_workload(enable_prefix_caching, speculative,
+                                                          lookahead):
     """speculative: each decode gets up to 3 guesses, and a random number of them is
-    accepted (most are rejected): rejected guesses' slots must not leak or be cached."""
+    accepted (most are rejected): rejected guesses' slots must not leak or be cached.
+    lookahead: the slots a draft model writes into, given when the pool has them."""
     rng = random.Random(1234)
     block_size, num_blocks, budget, max_num_seqs, max_model_len = 4, 12, 16, 5, 40
     sched = make_scheduler(num_blocks, block_size, max_num_seqs=max_num_seqs,
                            max_num_batched_tokens=budget, max_model_len=max_model_len,
                            enable_prefix_caching=enable_prefix_caching)
+    sched.lookahead = lookahead
+    num_with_lookahead = 0
     shared_prefix = [500 + i for i in range(8)]
     requests, num_steps, num_preempted, num_guesses = [], 0, 0, 0
     for i in range(40):
@@ -362,7 +366,9 @@ def test_every_block_is_free_after_a_busy_random_workload(enable_prefix_caching,
         assert len({s.request.req_id for s in out.scheduled}) == len(out.scheduled)
         for s in out.scheduled:
             num_blocks_needed = -(-(s.start + s.num_new_tokens) // block_size)
-            assert len(table(sched, s.request.req_id)) == num_blocks_needed
+            most = -(-(s.start + s.num_new_tokens + lookahead) // block_size)
+            assert num_blocks_needed <= len(table(sched, s.request.req_id)) <= most
+            num_with_lookahead += len(table(sched, s.request.req_id)) > num_blocks_needed
         used = sum(len(blocks) for blocks in sched.kv_cache.req_blocks.values())
         if not enable_prefix_caching:
             assert used == sched.kv_cache.pool.num_used_blocks
@@ -376,11 +382,15 @@ def test_every_block_is_free_after_a_busy_random_workload(enable_prefix_caching,
         if speculative:  # a block of guesses never enters the prefix cache
             for r in sched.running:
                 assert len(r.block_hashes) <= r.num_tokens // block_size
+                # The trim keeps the lookahead: at most what computed tokens + it need.
+                assert len(table(sched, r.req_id)) <= -(-(r.num_computed_tokens + lookahead)
+                                                         // block_size)
         if sched.running and rng.random() < 0.05:
             sched.finish(rng.choice(sched.running), "abort")
         assert num_steps < 2000
     assert num_preempted > 0  # the pool is small enough to force preemption
     assert num_guesses > 50 if speculative else num_guesses == 0
+    assert num_with_lookahead > 20 if lookahead else num_with_lookahead == 0
     assert all(r.is_finished for r in requests)
     for r in requests:
         if r.finish_reason == "length":
