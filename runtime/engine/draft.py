@@ -4,16 +4,20 @@ The draft keeps its own KV cache in the target's blocks: tensors of its own shap
 (num_blocks, block_size, its KV heads, its head size), addressed through the target's block
 tables. Two things keep it right:
 
-- Every step the target computes, the draft computes too (`mirror`, called by the model
-  runner with the step's tokens, positions and attention metadata). So wherever the target's
-  cache holds a token's KV, the draft's holds the draft's for the same token — prefix-cache
-  hits, chunked prefill, recompute after preemption and rejected guesses need nothing of
-  their own.
+- Every token the target computes in a step, the draft has computed by the end of it
+  (`mirror`, called by the model runner with the step's schedule). So wherever the
+  target's cache holds a token's KV, the draft's holds the draft's for the same token —
+  prefix-cache hits, chunked prefill, recompute after preemption and rejected guesses need
+  nothing of their own.
 - After the step, `propose_all` runs k one-token passes for the requests that decode next:
   the last token at its position, then each guess at the next. These write the draft's KV
-  past num_computed_tokens, into slots the scheduler set aside (its lookahead) and the next
-  step overwrites with the verified tokens' KV. A request whose table has no room proposes
-  fewer guesses, never writes outside its blocks.
+  past num_computed_tokens, into slots the scheduler set aside (its lookahead). A request
+  whose table has no room proposes fewer guesses, never writes outside its blocks.
+
+The two meet: the next step computes exactly the tokens the proposal passes fed the draft
+(the last token and the guesses), so the mirror skips the positions the proposal wrote
+(`Request.spec_draft_span`) and computes only the rest — for a decode with guesses, the
+last guess. Whatever is rejected lies past num_computed_tokens and is overwritten later.
 
 A greedy request gets the draft's argmax (the verifier compares argmaxes); any other gets a
 draw from the draft's distribution q under the request's own temperature, top-k, top-p and
@@ -48,10 +52,36 @@ class DraftModelProposer:
     def kv_cache_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for kv in self.kv_caches for t in kv)
 
-    def mirror(self, input_ids: torch.Tensor, positions: torch.Tensor, md) -> None:
-        """The target's step, through the draft into the draft's cache (hidden states
-        dropped)."""
-        self.model(input_ids, positions, self.kv_caches, md)
+    def mirror(self, out) -> None:
+        """Bring the draft's cache up to the target's after the step `out` (a
+        SchedulerOutput): the step's tokens through the draft, less those a proposal pass
+        already wrote (hidden states dropped)."""
+        block_size = self.block_size
+        step = StepInputs([], [], [], [], [0], [], [])
+        for s in out.scheduled:
+            request, end = s.request, s.start + s.num_new_tokens
+            first = s.start
+            span = request.spec_draft_span
+            if span is not None and span[0] == s.start:  # proposed for exactly this step
+                first = min(span[1], end)
+            if first == end:
+                continue
+            real_end = end - len(s.spec_token_ids)  # then the guesses
+            tokens = request.all_token_ids[first:real_end] + s.spec_token_ids[
+                max(first - real_end, 0):]
+            table = s.block_table
+            step.input_ids.extend(tokens)
+            step.positions.extend(range(first, end))
+            step.slot_mapping.extend(table[p // block_size] * block_size + p % block_size
+                                     for p in range(first, end))
+            step.block_tables.append(table)
+            step.query_start_loc.append(step.query_start_loc[-1] + end - first)
+            step.seq_lens.append(end)
+        if not step.seq_lens:
+            return
+        max_blocks = max(len(t) for t in step.block_tables)
+        step.block_tables = [t + [0] * (max_blocks - len(t)) for t in step.block_tables]
+        run_model(self.model, self.kv_caches, step, self.device, self.backend, block_size)
 
     @torch.inference_mode()
     def propose_all(self, batch) -> None:
@@ -90,6 +120,7 @@ class DraftModelProposer:
             self._choose(active, logits)
         for r in rows:
             r.request.spec_token_ids = r.tokens[1:]
+            r.request.spec_draft_span = (r.position, r.position + r.n)
             if r.probs:
                 r.request.spec_probs = torch.stack(r.probs)
 

@@ -289,7 +289,7 @@ class Engine:
         max_len = self.max_model_len
         batch = []
         for request in self.scheduler.running:
-            request.spec_token_ids = []
+            request.spec_token_ids, request.spec_draft_span = [], None
             if request.num_tokens - request.num_computed_tokens != 1:
                 continue
             limit = min(request.max_tokens - request.num_output_tokens,
@@ -305,6 +305,7 @@ class Engine:
                              "decodes without guesses", len(batch))
             for request, _ in batch:
                 request.spec_token_ids, request.spec_probs = [], None
+                request.spec_draft_span = None
 
     def _count_speculation(self, out: SchedulerOutput, sampled: Sampled) -> None:
         for s in out.scheduled:

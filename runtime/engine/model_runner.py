@@ -37,7 +37,7 @@ class ModelRunner:
         num_kv_heads = model.facts.num_kv_heads_per_gpu(config.parallel.tensor_parallel_size)
         self.kv_caches = allocate_kv_caches(config, model.facts, num_kv_heads, num_blocks)
         self.sampler = Sampler(config.seed)
-        # A draft model (engine/draft.py) runs every step's tokens too, into its own cache.
+        # A draft model (engine/draft.py) catches up with every step, into its own cache.
         self.draft = None
 
     @torch.inference_mode()
@@ -50,6 +50,8 @@ class ModelRunner:
         more (Sampler.verify).
         """
         logits = self.forward(self.prepare(out))
+        if self.draft is not None:
+            self.draft.mirror(out)
         if logits is None:
             return None
         return self.sample(logits, out)
@@ -111,7 +113,7 @@ class ModelRunner:
         """The step through the model: logits [len(logits_rows), vocab], or None when no
         row samples (and on tensor-parallel ranks other than 0)."""
         return run_model(self.model, self.kv_caches, step, self.device, self.backend,
-                         self.block_size, mirror=self.draft)
+                         self.block_size)
 
 
 def allocate_kv_caches(config: EngineConfig, facts, num_kv_heads: int,
@@ -128,10 +130,9 @@ def allocate_kv_caches(config: EngineConfig, facts, num_kv_heads: int,
 
 
 def run_model(model, kv_caches, step: StepInputs, device: torch.device, backend: str,
-              block_size: int, mirror=None) -> torch.Tensor | None:
+              block_size: int) -> torch.Tensor | None:
     """`step` through `model` over its paged `kv_caches`: logits at step.logits_rows, or
-    None when there are none. mirror: a draft proposer whose model runs the same tokens into
-    its own cache (the same attention metadata serves both)."""
+    None when there are none."""
 
     def tensor(values, dtype):
         return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
@@ -147,11 +148,8 @@ def run_model(model, kv_caches, step: StepInputs, device: torch.device, backend:
     if backend == "torch":  # one plan for every layer of the step
         md.cpu_plan = CpuAttentionPlan.build(md.block_tables, md.query_start_loc,
                                              md.seq_lens, block_size)
-    input_ids = tensor(step.input_ids, torch.int64)
-    positions = tensor(step.positions, torch.int64)
-    hidden = model(input_ids, positions, kv_caches, md)
-    if mirror is not None:
-        mirror.mirror(input_ids, positions, md)
+    hidden = model(tensor(step.input_ids, torch.int64), tensor(step.positions, torch.int64),
+                   kv_caches, md)
     if not step.logits_rows:
         return None
     # Logits only where a token is sampled: the vocab matmul is the largest one.

@@ -128,6 +128,7 @@ class Scheduler:
         self.kv_cache.free(request)
         request.num_computed_tokens = 0
         request.spec_token_ids = []
+        request.spec_draft_span = None  # its blocks are gone, and the draft's KV with them
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
         self.num_preemptions += 1
