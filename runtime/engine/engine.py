@@ -27,7 +27,7 @@ from brim.runtime.engine.model_runner import ModelRunner
 from brim.runtime.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from brim.runtime.engine.request import Request
 from brim.runtime.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
-from brim.runtime.engine.speculative import NgramProposer
+from brim.runtime.engine.speculative import AcceptanceBackOff, NgramProposer
 from brim.runtime.models.loader import load_model, model_weights_bytes
 from brim.runtime.sampling_params import SEED_MAX, SEED_MIN, SamplingParams
 
@@ -292,6 +292,8 @@ class Engine:
             request.spec_token_ids, request.spec_draft_span = [], None
             if request.num_tokens - request.num_computed_tokens != 1:
                 continue
+            if request.spec_backoff is not None and not request.spec_backoff.wants_guesses():
+                continue  # its guesses keep failing: a few plain steps
             limit = min(request.max_tokens - request.num_output_tokens,
                         max_len - request.num_tokens) - 1
             if limit > 0:
@@ -315,6 +317,9 @@ class Engine:
                 self.num_spec_draft_tokens += len(s.spec_token_ids)
                 self.num_spec_accepted_tokens += emitted - 1
                 self.num_spec_emitted_tokens += emitted
+                if s.request.spec_backoff is None:
+                    s.request.spec_backoff = AcceptanceBackOff()
+                s.request.spec_backoff.record(len(s.spec_token_ids), emitted - 1)
 
     # -- isolation ------------------------------------------------------------------------
 

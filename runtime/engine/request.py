@@ -32,7 +32,7 @@ class Request:
         "num_cached_tokens", "status", "finish_reason", "stop_reason", "arrival_time",
         "generator", "logprobs", "cumulative_logprob", "text", "detokenizer",
         "num_preemptions", "first_token_time", "cache_salt", "block_hashes",
-        "spec_token_ids", "spec_state", "spec_probs", "spec_draft_span",
+        "spec_token_ids", "spec_state", "spec_probs", "spec_draft_span", "spec_backoff",
     )
 
     def __init__(
@@ -86,6 +86,7 @@ class Request:
         # A draft model's proposal wrote its KV for positions [start, end) of the last token
         # and its guesses (engine/draft.py); None when nothing of the kind is pending.
         self.spec_draft_span: tuple[int, int] | None = None
+        self.spec_backoff = None  # speculative.AcceptanceBackOff, from its first check
 
     @property
     def num_tokens(self) -> int:

@@ -181,3 +181,47 @@ class NgramProposer:
                     return list(tokens[start:start + k])
                 end = at + len(suffix) - 1  # misaligned: look further left
         return []
+
+
+class AcceptanceBackOff:
+    """Stops guessing, for a while, for a request whose guesses keep failing.
+
+    A guess costs a row through the model whether it is accepted or not, so a request whose
+    output is not in its prompt (n-gram) or that the draft model reads badly runs slower
+    with speculation than without. Each request keeps decayed counts of its checked and
+    accepted guesses (the last few checks weigh most); when at least MIN_CHECKED guesses
+    weigh in and under MIN_RATE of them were accepted, the request decodes plainly for
+    `pause` steps (2, 4, 8 ... MAX_PAUSE, doubling while it stays bad), then tries again
+    with fresh counts. A good look resets the pause.
+    """
+
+    DECAY = 0.7
+    MIN_CHECKED = 8
+    MIN_RATE = 0.25
+    MAX_PAUSE = 32
+
+    __slots__ = ("checked", "accepted", "pause", "skip")
+
+    def __init__(self) -> None:
+        self.checked = self.accepted = 0.0
+        self.pause = 0  # the length of the last pause, in steps
+        self.skip = 0  # steps left in the current one
+
+    def wants_guesses(self) -> bool:
+        """Whether to guess for the request's next step (called once per decode step)."""
+        if self.skip:
+            self.skip -= 1
+            return False
+        return True
+
+    def record(self, checked: int, accepted: int) -> None:
+        self.checked = self.checked * self.DECAY + checked
+        self.accepted = self.accepted * self.DECAY + accepted
+        if self.checked < self.MIN_CHECKED:
+            return
+        if self.accepted < self.MIN_RATE * self.checked:
+            self.pause = min(max(2 * self.pause, 2), self.MAX_PAUSE)
+            self.skip = self.pause
+            self.checked = self.accepted = 0.0
+        else:
+            self.pause = 0

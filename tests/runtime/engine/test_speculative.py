@@ -400,3 +400,68 @@ def test_a_failing_proposal_costs_the_guesses_not_the_requests(tiny_llama, monke
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
     assert llm.engine.num_spec_draft_tokens == 0
     assert "speculative proposal over 2 requests failed" in caplog.text
+
+
+# -- back-off: a request whose guesses keep failing stops paying for them ----------------------
+
+def drive(backoff, accept, steps, k=4):
+    """Decode `steps` steps; accept(step) -> guesses accepted when it guesses. The steps that
+    guessed."""
+    guessed = []
+    for step in range(steps):
+        if backoff.wants_guesses():
+            guessed.append(step)
+            backoff.record(k, accept(step))
+    return guessed
+
+
+def test_backoff_keeps_good_requests_guessing_and_pauses_bad_ones():
+    from brim.runtime.engine.speculative import AcceptanceBackOff
+
+    assert len(drive(AcceptanceBackOff(), lambda step: 2, 300)) == 300  # 50%: every step
+    bad = AcceptanceBackOff()
+    guessed = drive(bad, lambda step: 0, 400)
+    assert len(guessed) < 0.15 * 400  # mostly plain steps
+    gaps = [b - a for a, b in zip(guessed, guessed[1:])]
+    assert max(gaps) <= AcceptanceBackOff.MAX_PAUSE + 1  # it keeps looking again
+    assert guessed[-1] > 350
+    # Bad, then good: back to guessing every step soon after the change.
+    turning = AcceptanceBackOff()
+    guessed = drive(turning, lambda step: 0 if step < 100 else 4, 300)
+    after = [g for g in guessed if g >= 100 + AcceptanceBackOff.MAX_PAUSE + 1]
+    assert after == list(range(after[0], 300))
+
+
+@pytest.mark.parametrize("guesser", ["oracle", "wrong"])
+def test_backoff_in_the_engine_follows_acceptance_and_keeps_greedy_output(
+        tiny_llama, monkeypatch, guesser):
+    """A proposer that always guesses the coming tokens is checked every step; one that is
+    always wrong only now and then. The output is the same either way."""
+    from brim.runtime import LLM
+    from brim.runtime.engine.speculative import NgramProposer
+
+    kwargs = dict(device="cpu", dtype="float32", max_model_len=200, num_gpu_blocks=64)
+    prompt = [5, 6, 7, 8] * 6
+    params = SamplingParams(temperature=0, max_tokens=120, ignore_eos=True)
+    expected = LLM(str(tiny_llama), **kwargs).generate([prompt], params, use_tqdm=False)
+    truth = prompt + list(expected[0].outputs[0].token_ids)
+    wrong = next(t for t in range(4096) if t not in truth)
+
+    def propose(self, request, limit):
+        n = request.num_tokens
+        right = truth[n:n + min(self.k, limit)]
+        return right if guesser == "oracle" else [wrong] * len(right)
+
+    monkeypatch.setattr(NgramProposer, "propose", propose)
+    llm = LLM(str(tiny_llama), speculative_config={"method": "ngram",
+                                                   "num_speculative_tokens": 4}, **kwargs)
+    got = llm.generate([prompt], params, use_tqdm=False)
+    assert got[0].outputs[0].token_ids == expected[0].outputs[0].token_ids
+    engine = llm.engine
+    steps = 120 - engine.num_spec_accepted_tokens  # each step: one token + the accepted
+    if guesser == "oracle":
+        assert engine.num_spec_accepted_tokens == engine.num_spec_draft_tokens
+        assert engine.num_spec_drafts >= steps - 1  # all but the last step guessed
+    else:
+        assert engine.num_spec_accepted_tokens == 0
+        assert engine.num_spec_drafts < 0.2 * steps, (engine.num_spec_drafts, steps)
