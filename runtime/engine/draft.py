@@ -138,7 +138,7 @@ class DraftModelProposer:
             for row, (i, request) in enumerate(zip(sampled, requests)):
                 generator = request.generator or self.sampler.generator
                 active[i].tokens.append(_draw(probs[row], generator))
-                active[i].probs.append(probs[row].cpu())
+                active[i].probs.append(probs[row])
 
 
 class _Row:
