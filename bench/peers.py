@@ -92,11 +92,13 @@ def brim_worker(spec: dict) -> dict:
     llm = LLM(spec["model"], dtype=spec["dtype"], device="cpu",
               max_num_seqs=spec["max_num_seqs"],
               max_num_batched_tokens=spec["max_num_batched_tokens"],
-              enable_prefix_caching=True)
+              enable_prefix_caching=True, enforce_eager=spec["enforce_eager"])
     load_s = time.perf_counter() - started
     requests = spec["requests"]
     warm = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
-    llm.generate(spec["warmup"], warm, use_tqdm=False)
+    started = time.perf_counter()
+    llm.generate(spec["warmup"], warm, use_tqdm=False)  # compiles the model (CPU default)
+    warmup_s = time.perf_counter() - started
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
               for _, n in requests]
     prompts = [p for p, _ in requests]
@@ -111,7 +113,7 @@ def brim_worker(spec: dict) -> dict:
     runs = timed_runs(generate, reset_prefix_cache, spec)
     stats = llm.engine.get_stats()
     config = llm.engine.config
-    return {"runs": runs, "load_s": load_s, "torch": torch.__version__,
+    return {"runs": runs, "load_s": load_s, "warmup_s": warmup_s, "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "engine": {"block_size": config.cache.block_size,
                        "num_gpu_blocks": llm.engine.num_gpu_blocks,
@@ -239,6 +241,8 @@ def main() -> int:
     parser.add_argument("--min-output", type=int, default=16)
     parser.add_argument("--max-output", type=int, default=128)
     parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="brim runs its model op by op (default: compiled on CPU)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048,
                         help="step token budget for both engines (brim's CPU default)")
     parser.add_argument("--vllm-kv-cache-gib", type=int, default=4,
@@ -287,7 +291,8 @@ def main() -> int:
                     "max_num_seqs": args.max_num_seqs,
                     "max_num_batched_tokens": args.max_num_batched_tokens,
                     "vllm_kv_cache_gib": args.vllm_kv_cache_gib,
-                    "wait_for_quiet_s": args.wait_for_quiet, "vllm_preload": preload}
+                    "wait_for_quiet_s": args.wait_for_quiet, "vllm_preload": preload,
+                    "enforce_eager": args.enforce_eager}
             env = vllm_env(spec) if engine == "vllm" else {}
             print(f"== {engine} {dtype}", file=sys.stderr, flush=True)
             started = time.perf_counter()

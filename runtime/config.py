@@ -201,6 +201,12 @@ class ParallelConfig:
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
+    """The whole engine's configuration.
+
+    enforce_eager: run the model op by op. Otherwise, on CPU, the work between attention
+        calls is compiled by inductor (models/compiled.py; `compiles_model` says when).
+    """
+
     model: ModelConfig
     cache: CacheConfig
     scheduler: SchedulerConfig
@@ -210,6 +216,7 @@ class EngineConfig:
     parallel: ParallelConfig = ParallelConfig()
     # The draft model of speculative method "draft_model" (engine/draft.py), else None.
     draft_model: ModelConfig | None = None
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -260,6 +267,14 @@ class EngineConfig:
                 "or pick a draft with a longer context")
 
     @property
+    def compiles_model(self) -> bool:
+        """Whether the model runs compiled: CPU, unless enforce_eager, with one rank (the
+        tensor-parallel all-reduces sit inside the regions compiled) and plain or FP8-cache
+        but not quantized weights (their matmuls are not an op inductor can call)."""
+        return (self.device == "cpu" and not self.enforce_eager
+                and self.parallel.tensor_parallel_size == 1 and self.model.quantization is None)
+
+    @property
     def kv_cache_dtype(self) -> str:
         """The KV cache's dtype, resolved: the model dtype for "auto"; "fp8" for e4m3."""
         name = resolve_kv_cache_dtype(self.cache.kv_cache_dtype, self.model.dtype)
@@ -291,6 +306,7 @@ class EngineConfig:
         pipeline_parallel_size: int = 1,
         kv_cache_dtype: str = "auto",
         quantization: str | None = None,
+        enforce_eager: bool = False,
     ) -> "EngineConfig":
         if device not in DEVICES:
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
@@ -330,7 +346,8 @@ class EngineConfig:
             kv_cache_dtype=kv_cache_dtype,
         )
         return cls(model_config, cache_config, scheduler_config, device=device, seed=seed,
-                   speculative=spec, parallel=parallel_config, draft_model=draft_config)
+                   speculative=spec, parallel=parallel_config, draft_model=draft_config,
+                   enforce_eager=enforce_eager)
 
 
 def _draft_model_config(spec: SpeculativeConfig, target: ModelConfig,

@@ -29,6 +29,8 @@ def register(subparsers) -> None:
     p.add_argument("--num-gpu-blocks", type=int, default=None)
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="split the model over N ranks (processes), as brim serve does")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="run the model op by op (default on CPU: compiled, as brim serve)")
     p.add_argument("--cache-dir", default=None, help="where the bundled model is converted "
                    "(default: $BRIM_CACHE_DIR or ~/.cache/brim)")
     p.set_defaults(func=run_generate)
@@ -43,7 +45,8 @@ def run_generate(args: argparse.Namespace) -> int:
                   max_model_len=args.max_model_len, num_gpu_blocks=args.num_gpu_blocks,
                   cache_dir=args.cache_dir, revision=args.revision,
                   tensor_parallel_size=args.tensor_parallel_size,
-                  quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
+                  quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+                  enforce_eager=args.enforce_eager)
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p,
                                 top_k=args.top_k, seed=args.seed, max_tokens=args.max_tokens)
         if args.chat:

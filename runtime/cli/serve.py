@@ -95,6 +95,9 @@ def register(subparsers) -> None:
     engine.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
                         help="only 1: brim has no pipeline parallelism (use "
                              "--tensor-parallel-size)")
+    engine.add_argument("--enforce-eager", action="store_true",
+                        help="run the model op by op; by default, on CPU, the work between "
+                             "attention calls is compiled by torch.compile at start-up")
     engine.add_argument("--seed", type=int, default=0, help="seed of requests without their own")
     engine.add_argument("--speculative-config", default=None, metavar="JSON",
                         help='speculative decoding, as vLLM\'s: \'{"method": "ngram", '
@@ -204,7 +207,7 @@ def create_engine(args: argparse.Namespace):
         device=resolve_device(args.device), speculative_config=args.speculative_config,
         tensor_parallel_size=args.tensor_parallel_size,
         pipeline_parallel_size=args.pipeline_parallel_size, kv_cache_dtype=args.kv_cache_dtype,
-        quantization=args.quantization)
+        quantization=args.quantization, enforce_eager=args.enforce_eager)
     return Engine(config, request_limits(args))
 
 

@@ -46,6 +46,8 @@ class LLM:
     speculative_config: vLLM's: {"method": "ngram", "num_speculative_tokens": k, ...} (prompt
         lookup) or {"model": <draft folder or Hub id>, "num_speculative_tokens": k} (a draft
         model with the target's vocabulary); see docs/engine.md.
+    enforce_eager: run the model op by op. By default, on CPU, the work between attention
+        calls is compiled on the first steps (seconds; cached on disk for later starts).
     """
 
     def __init__(
@@ -70,6 +72,7 @@ class LLM:
         pipeline_parallel_size: int = 1,
         kv_cache_dtype: str = "auto",
         quantization: str | None = None,
+        enforce_eager: bool = False,
     ) -> None:
         if model is not None:
             from brim.runtime.models.hub import resolve_model
@@ -97,6 +100,7 @@ class LLM:
             pipeline_parallel_size=pipeline_parallel_size,
             kv_cache_dtype=kv_cache_dtype,
             quantization=quantization,
+            enforce_eager=enforce_eager,
         )
         self.engine = Engine(config)
         self._ids = itertools.count()

@@ -10,6 +10,7 @@ from brim.kernels.cpu_attention import CpuAttentionPlan
 from brim.runtime.config import EngineConfig
 from brim.runtime.engine.sampler import Sampler
 from brim.runtime.engine.scheduler import SchedulerOutput
+from brim.runtime.models.compiled import compile_model
 from brim.runtime.models.llama import AttentionMetadata, LlamaForCausalLM
 from brim.runtime.models.loader import TORCH_DTYPES
 
@@ -39,6 +40,8 @@ class ModelRunner:
         self.sampler = Sampler(config.seed)
         # A draft model (engine/draft.py) catches up with every step, into its own cache.
         self.draft = None
+        if config.compiles_model:  # compiled on the first steps (models/compiled.py)
+            compile_model(model)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> list[tuple[list[int], list]] | None:

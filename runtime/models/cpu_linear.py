@@ -41,8 +41,26 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [tokens, in_features] -> [tokens, out_features]
+        if torch.compiler.is_compiling():
+            return packed_linear(x, self.packed_weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none",
                                                   [], "")
+
+
+# Inside a compiled region (models/compiled.py) the matmul is an opaque custom op: inductor's
+# own lowering of mkldnn._linear_pointwise accepts only weights frozen into the graph as
+# constants, which would compile every layer separately. As an op it stays oneDNN's call,
+# and inductor fuses the pointwise work on either side of it.
+@torch.library.custom_op("brim::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, packed_weight: torch.Tensor,
+                  bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed_weight, bias, "none", [], "")
+
+
+@packed_linear.register_fake
+def _(x, packed_weight, bias):
+    # The packed weight's shape is the plain one, [out_features, in_features].
+    return x.new_empty(*x.shape[:-1], packed_weight.shape[0])
 
 
 def pack_linears(model: nn.Module) -> int:

@@ -64,12 +64,22 @@ class Attention(nn.Module):
         self.v_scale = 1.0
 
     def forward(self, positions, x, kv_cache, md: AttentionMetadata) -> torch.Tensor:
+        q, k, v = self.project(positions, x)
+        return self.o_proj(self.attend(q, k, v, kv_cache, md))
+
+    def project(self, positions, x):
+        """x [T, hidden] -> q [T, heads, head_dim], k and v [T, kv_heads, head_dim], RoPE'd."""
         num_tokens = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         q, k = self.rotary(positions, q, k)
+        return q, k, v
+
+    def attend(self, q, k, v, kv_cache, md: AttentionMetadata) -> torch.Tensor:
+        """Store k, v in the paged cache and attend: [T, heads * head_dim]. Never compiled
+        (models/compiled.py): the step's plan and the cache writes stay plain Python."""
         k_cache, v_cache = kv_cache
         store_kv(k, v, k_cache, v_cache, md.slot_mapping, backend=md.backend,
                  finite=md.cpu_plan is not None, k_scale=self.k_scale, v_scale=self.v_scale)
@@ -78,7 +88,7 @@ class Attention(nn.Module):
             sliding_window=self.sliding_window, max_seq_len=md.max_seq_len, backend=md.backend,
             cpu_plan=md.cpu_plan, k_scale=self.k_scale, v_scale=self.v_scale,
         )
-        return self.o_proj(out.view(num_tokens, self.q_size))
+        return out.view(q.shape[0], self.q_size)
 
 
 class MLP(nn.Module):
@@ -104,7 +114,18 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(facts.hidden_size, facts.rms_norm_eps)
 
     def forward(self, positions, x, kv_cache, md):
-        x = x + self.self_attn(positions, self.input_layernorm(x), kv_cache, md)
+        q, k, v = self.attention_inputs(positions, x)
+        return self.attention_outputs(x, self.self_attn.attend(q, k, v, kv_cache, md))
+
+    # The layer in three parts, so that the two around attention can be compiled
+    # (models/compiled.py) while attention itself stays eager.
+    def attention_inputs(self, positions, x):
+        """The input norm, the q/k/v projection and RoPE: q, k, v of `Attention.project`."""
+        return self.self_attn.project(positions, self.input_layernorm(x))
+
+    def attention_outputs(self, x, attn):
+        """x [T, hidden], attn [T, heads * head_dim] -> the layer's output [T, hidden]."""
+        x = x + self.self_attn.o_proj(attn)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

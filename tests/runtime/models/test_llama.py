@@ -61,8 +61,9 @@ def _tiny_checkpoint(tmp_path, family: str):
     return path, model.eval()
 
 
+@pytest.mark.parametrize("enforce_eager", [False, True], ids=["compiled", "eager"])
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
-def test_tiny_random_models_match_transformers(tmp_path, family):
+def test_tiny_random_models_match_transformers(tmp_path, family, enforce_eager):
     path, hf_model = _tiny_checkpoint(tmp_path, family)
     generator = torch.Generator().manual_seed(1)
     lengths = [5, 17, 40, 90]  # past the Mistral window of 24, across block boundaries
@@ -71,6 +72,7 @@ def test_tiny_random_models_match_transformers(tmp_path, family):
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     # A small step budget so prefill is chunked and sequences mix prefill and decode.
     llm = LLM(str(path), dtype="float32", device="cpu", max_num_batched_tokens=32,
-              max_num_seqs=4, num_gpu_blocks=64)
+              max_num_seqs=4, num_gpu_blocks=64, enforce_eager=enforce_eager)
+    assert llm.engine.config.compiles_model is not enforce_eager
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
     assert got == want

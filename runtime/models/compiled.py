@@ -1,0 +1,83 @@
+"""The model's work between attention calls, compiled by inductor (CPU).
+
+Eager, a decoder layer on CPU is some twenty small kernels besides its four matmuls: the
+norms' squares, means and scales, RoPE's gathers, halves and products, SiLU, the products
+and residual adds, each a pass over memory and a Python dispatch. Inductor fuses each run
+of them into one C++ loop. What it compiles, per decoder layer (`DecoderLayer`):
+
+    attention_inputs   input norm -> q/k/v projection -> RoPE                [compiled]
+    Attention.attend   store_kv + paged attention over the step's plan      [eager]
+    attention_outputs  o_proj -> residual, norm -> gate/up -> SiLU * up -> down, residual
+                                                                              [compiled]
+
+Attention stays out of the graph because its inputs are the step's Python plan
+(`kernels.cpu_attention.CpuAttentionPlan`) and its cache writes; the matmuls stay oneDNN's
+packed ones through an opaque op (`cpu_linear.packed_linear`).
+
+Bounded compilation: the two regions are methods of `DecoderLayer`, and dynamo treats a
+module's parameters as inputs (`inline_inbuilt_nn_modules`), so all layers share one compiled
+graph per region. The token dimension is marked dynamic on the first call; one graph serves
+every count of two or more tokens and a second one the single-token step (dynamo specializes
+sizes 0 and 1): at most four graphs per model and dtype. Inductor keeps what it built in its
+cache directory (`TORCHINDUCTOR_CACHE_DIR`, default /tmp/torchinductor_<user>), so a later
+start with the same model shapes, dtype and torch loads it instead of compiling.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+MAX_GRAPHS_PER_REGION = 64  # over all the models one process loads
+
+
+class _Region:
+    """One compiled method, shared by all layers; marks the token dimension dynamic.
+
+    A failure to compile (a C++ compiler error, say) must not fail requests: the region
+    then runs eagerly, for good, with a warning. An error that eager raises too is the
+    input's, not the compiler's: it propagates and the region stays compiled.
+    """
+
+    def __init__(self, fn) -> None:
+        self.eager = fn
+        self.compiled = torch.compile(fn, fullgraph=True, dynamic=False)
+        self.is_broken = False
+
+    def __call__(self, layer, a: torch.Tensor, b: torch.Tensor):
+        if self.is_broken:
+            return self.eager(layer, a, b)
+        # a, b: [T, ...] (positions and x, or x and attn): dynamic in T from the first call,
+        # so no count of tokens past the first two compiles again.
+        torch._dynamo.maybe_mark_dynamic(a, 0)
+        torch._dynamo.maybe_mark_dynamic(b, 0)
+        try:
+            return self.compiled(layer, a, b)
+        except torch._dynamo.exc.TorchDynamoException as exc:
+            result = self.eager(layer, a, b)
+            self.is_broken = True
+            logger.warning("compiling %s failed, it runs eagerly from now on: %s",
+                           self.eager.__qualname__, str(exc).splitlines()[0][:500])
+            return result
+
+
+def compile_model(model) -> None:
+    """Route every decoder layer's parts around attention through compiled regions (in
+    place). Compilation itself happens on the first forward of each shape class."""
+    from brim.runtime.models.llama import DecoderLayer
+
+    # Each model shape and dtype adds up to two graphs per region to the same code objects.
+    # A server loads one model; a process that loads several (the tests) would pass dynamo's
+    # default of 8 and run the models after that eagerly.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                               MAX_GRAPHS_PER_REGION)
+    attention_inputs = _Region(DecoderLayer.attention_inputs)
+    attention_outputs = _Region(DecoderLayer.attention_outputs)
+    for layer in model.layers:
+        # Instance attributes shadow the methods; `.func` is the shared region.
+        layer.attention_inputs = functools.partial(attention_inputs, layer)
+        layer.attention_outputs = functools.partial(attention_outputs, layer)

@@ -1,0 +1,95 @@
+"""The compiled model (models/compiled.py) against the same model run op by op: the same
+logits step by step, a bounded number of graphs whatever the step's token count, and the
+matmuls still oneDNN's. Greedy parity with transformers through the compiled path:
+test_llama.py (tiny models of each family) and tests/runtime/engine/test_parity.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+from brim.runtime import LLM
+from brim.runtime.engine.model_runner import StepInputs
+from brim.runtime.models.llama import DecoderLayer
+from tests.runtime.models.test_llama import _tiny_checkpoint
+
+BLOCK_SIZE = 16
+
+
+def _steps() -> list[StepInputs]:
+    """Three steps of two sequences in one cache: prefills of 21 and 3 tokens (the first
+    over two blocks), a decode of one of them (a single token), a decode of both."""
+    table_a, table_b = [1, 2], [3, 0]
+
+    def slots(table, positions):
+        return [table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in positions]
+
+    ids_a, ids_b = list(range(100, 121)), [7, 8, 9]
+    prefill = StepInputs(ids_a + ids_b, list(range(21)) + list(range(3)),
+                         slots(table_a, range(21)) + slots(table_b, range(3)),
+                         [table_a, table_b], [0, 21, 24], [21, 3], [20, 23])
+    one = StepInputs([5], [21], slots(table_a, [21]), [table_a], [0, 1], [22], [0])
+    both = StepInputs([6, 11], [22, 3], slots(table_a, [22]) + slots(table_b, [3]),
+                      [table_a, table_b], [0, 1, 2], [23, 4], [0, 1])
+    return [prefill, one, both]
+
+
+def _cache_entries() -> int:
+    return sum(len(_debug_get_cache_entry_list(fn.__code__))
+               for fn in (DecoderLayer.attention_inputs, DecoderLayer.attention_outputs))
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-4), ("bfloat16", 0.1)])
+def test_compiled_logits_match_eager_step_by_step(tmp_path, dtype, tolerance):
+    path, _ = _tiny_checkpoint(tmp_path, "qwen2")  # q/k/v biases, tied embeddings
+    args = dict(dtype=dtype, device="cpu", block_size=BLOCK_SIZE, num_gpu_blocks=8,
+                max_model_len=128)
+    eager = LLM(str(path), enforce_eager=True, **args).engine.runner
+    entries_before = _cache_entries()
+    compiled = LLM(str(path), **args).engine.runner
+    assert compiled.config.compiles_model and not eager.config.compiles_model
+    for step in _steps():
+        want, got = eager.forward(step), compiled.forward(step)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert torch.allclose(got.float(), want.float(), rtol=tolerance, atol=tolerance), (
+            (got.float() - want.float()).abs().max())
+        assert torch.equal(got.argmax(-1), want.argmax(-1)) or dtype != "float32"
+    # Both token-count classes compiled once each for the two regions, shared by the 3
+    # layers (none at all when an earlier test compiled this shape and dtype already).
+    assert _cache_entries() - entries_before <= 4
+    for step in _steps():  # and nothing compiles again
+        compiled.forward(step)
+    assert _cache_entries() - entries_before <= 4
+
+
+def test_compiled_layers_call_the_packed_onednn_matmuls(tmp_path):
+    path, _ = _tiny_checkpoint(tmp_path, "llama")
+    runner = LLM(str(path), dtype="float32", device="cpu", block_size=BLOCK_SIZE,
+                 num_gpu_blocks=8, max_model_len=128).engine.runner
+    step = _steps()[0]
+    runner.forward(step)  # compiles
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        runner.forward(step)
+    names = [e.name for e in prof.events()]
+    # 3 layers x (q/k/v, o, gate/up, down) inside the compiled regions; the LM head eager.
+    assert names.count("brim::packed_linear") == 3 * 4
+    assert names.count("mkldnn::_linear_pointwise") == 3 * 4 + 1
+
+
+def test_a_region_that_fails_to_compile_runs_eagerly(tmp_path, caplog):
+    path, _ = _tiny_checkpoint(tmp_path, "llama")
+    args = dict(dtype="float32", device="cpu", block_size=BLOCK_SIZE, num_gpu_blocks=8,
+                max_model_len=128)
+    eager = LLM(str(path), enforce_eager=True, **args).engine.runner
+    runner = LLM(str(path), **args).engine.runner
+    region = runner.model.layers[0].attention_outputs.func
+
+    def broken(*args):
+        raise torch._dynamo.exc.InternalTorchDynamoError("the C++ compiler is missing")
+
+    region.compiled = broken
+    for step in _steps():
+        assert torch.allclose(runner.forward(step), eager.forward(step), atol=1e-4, rtol=1e-4)
+    assert region.is_broken and "runs eagerly from now on" in caplog.text
+    assert not runner.model.layers[0].attention_inputs.func.is_broken
