@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -10,9 +12,11 @@ from brim.kernels.cpu_attention import CpuAttentionPlan
 from brim.runtime.config import EngineConfig
 from brim.runtime.engine.sampler import Sampler
 from brim.runtime.engine.scheduler import SchedulerOutput
-from brim.runtime.models.compiled import compile_model
+from brim.runtime.models.compiled import compile_model, inductor_cache_dir
 from brim.runtime.models.llama import AttentionMetadata, LlamaForCausalLM
 from brim.runtime.models.loader import TORCH_DTYPES
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -40,8 +44,20 @@ class ModelRunner:
         self.sampler = Sampler(config.seed)
         # A draft model (engine/draft.py) catches up with every step, into its own cache.
         self.draft = None
-        if config.compiles_model:  # compiled on the first steps (models/compiled.py)
+        if config.compiles_model:
             compile_model(model)
+            self.compile_now()
+
+    def compile_now(self) -> None:
+        """Compile the model's graphs (models/compiled.py) with two steps on dummy tokens, so
+        that no request waits for the compiler: one of two tokens (the graph for every
+        count of two or more) and one of a single token. They write block 0 of the cache,
+        which any request that gets it overwrites before reading."""
+        started = time.perf_counter()  # block_size >= 8: both steps fit in block 0
+        self.forward(StepInputs([0, 0], [0, 1], [0, 1], [[0]], [0, 2], [2], []))
+        self.forward(StepInputs([0], [2], [2], [[0]], [0, 1], [3], []))
+        logger.info("model compiled in %.1f s (torch.compile, inductor; cache: %s)",
+                    time.perf_counter() - started, inductor_cache_dir())
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> list[tuple[list[int], list]] | None:

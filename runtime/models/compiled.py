@@ -67,7 +67,8 @@ class _Region:
 
 def compile_model(model) -> None:
     """Route every decoder layer's parts around attention through compiled regions (in
-    place). Compilation itself happens on the first forward of each shape class."""
+    place). Compilation itself happens on the first forward of each token-count class
+    (`ModelRunner.compile_now` runs both at start-up)."""
     from brim.runtime.models.llama import DecoderLayer
 
     # Each model shape and dtype adds up to two graphs per region to the same code objects.
@@ -81,3 +82,10 @@ def compile_model(model) -> None:
         # Instance attributes shadow the methods; `.func` is the shared region.
         layer.attention_inputs = functools.partial(attention_inputs, layer)
         layer.attention_outputs = functools.partial(attention_outputs, layer)
+
+
+def inductor_cache_dir() -> str:
+    """Where inductor keeps what it compiled (TORCHINDUCTOR_CACHE_DIR or its default)."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return cache_dir()

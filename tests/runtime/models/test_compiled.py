@@ -49,6 +49,7 @@ def test_compiled_logits_match_eager_step_by_step(tmp_path, dtype, tolerance):
     entries_before = _cache_entries()
     compiled = LLM(str(path), **args).engine.runner
     assert compiled.config.compiles_model and not eager.config.compiles_model
+    compiled_at_start = _cache_entries()
     for step in _steps():
         want, got = eager.forward(step), compiled.forward(step)
         assert got.dtype == want.dtype and got.shape == want.shape
@@ -56,8 +57,10 @@ def test_compiled_logits_match_eager_step_by_step(tmp_path, dtype, tolerance):
             (got.float() - want.float()).abs().max())
         assert torch.equal(got.argmax(-1), want.argmax(-1)) or dtype != "float32"
     # Both token-count classes compiled once each for the two regions, shared by the 3
-    # layers (none at all when an earlier test compiled this shape and dtype already).
+    # layers (none at all when an earlier test compiled this shape and dtype already),
+    # and at start-up: the steps (2 and more tokens, and 1) compiled nothing.
     assert _cache_entries() - entries_before <= 4
+    assert _cache_entries() == compiled_at_start
     for step in _steps():  # and nothing compiles again
         compiled.forward(step)
     assert _cache_entries() - entries_before <= 4
