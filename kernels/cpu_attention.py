@@ -181,9 +181,12 @@ def paged_attention_cpu(
         k = _gather(k_cache, p.block_ids, 1, num_blocks)[0, :p.seq_len].transpose(0, 1)
         v = _gather(v_cache, p.block_ids, 1, num_blocks)[0, :p.seq_len].transpose(0, 1)
         mask, is_causal = _prefill_mask(p, sliding_window, q_len)
+        # 4-D ([1, h, q_len, d]): SDPA's CPU flash kernel takes only 4-D inputs; 3-D ones
+        # fall back to the math path (the full score matrix, a materialised causal mask),
+        # 2x slower at a few hundred tokens.
         o = F.scaled_dot_product_attention(
-            q[p.start:p.end].float().transpose(0, 1), k, v, attn_mask=mask,
-            is_causal=is_causal, scale=scale, enable_gqa=True)
+            q[p.start:p.end].float().transpose(0, 1)[None], k[None], v[None], attn_mask=mask,
+            is_causal=is_causal, scale=scale, enable_gqa=True)[0]
         out[p.start:p.end] = o.transpose(0, 1).to(q.dtype)
     return out
 
