@@ -27,6 +27,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import sys
+from pathlib import Path
 
 import torch
 
@@ -71,6 +74,7 @@ def compile_model(model) -> None:
     (`ModelRunner.compile_now` runs both at start-up)."""
     from brim.runtime.models.llama import DecoderLayer
 
+    _keep_inductor_probes_importable()
     # Each model shape and dtype adds up to two graphs per region to the same code objects.
     # A server loads one model; a process that loads several (the tests) would pass dynamo's
     # default of 8 and run the models after that eagerly.
@@ -89,3 +93,18 @@ def inductor_cache_dir() -> str:
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
     return cache_dir()
+
+
+def _keep_inductor_probes_importable() -> None:
+    """Inductor checks which vector ISA the CPU has by loading a test library in a child
+    Python whose PYTHONPATH is this process's sys.path. When brim's own folder is on sys.path
+    (pytest or `python -m` from a checkout's root), its `operator` package shadows the
+    standard library's in that child, the check fails, and every graph then fails to build
+    (`at::vec` undeclared). TORCH_CUSTOM_PYTHONPATH, inductor's override, gets sys.path
+    without that folder. A value the user set is left alone."""
+    if "TORCH_CUSTOM_PYTHONPATH" in os.environ:
+        return
+    own = Path(__file__).resolve().parents[2]  # the brim package's folder
+    kept = [p for p in sys.path if Path(p or ".").resolve() != own]  # "": the cwd
+    if len(kept) != len(sys.path):
+        os.environ["TORCH_CUSTOM_PYTHONPATH"] = os.pathsep.join(kept)

@@ -56,6 +56,10 @@ def test_compiled_logits_match_eager_step_by_step(tmp_path, dtype, tolerance):
         assert torch.allclose(got.float(), want.float(), rtol=tolerance, atol=tolerance), (
             (got.float() - want.float()).abs().max())
         assert torch.equal(got.argmax(-1), want.argmax(-1)) or dtype != "float32"
+    # Really compiled, not fallen back to eager: pytest has the checkout's root on sys.path,
+    # where brim's `operator` package once broke inductor's CPU probe and every graph build.
+    layer = compiled.model.layers[0]
+    assert not (layer.attention_inputs.func.is_broken or layer.attention_outputs.func.is_broken)
     # Both token-count classes compiled once each for the two regions, shared by the 3
     # layers (none at all when an earlier test compiled this shape and dtype already),
     # and at start-up: the steps (2 and more tokens, and 1) compiled nothing.
@@ -96,3 +100,28 @@ def test_a_region_that_fails_to_compile_runs_eagerly(tmp_path, caplog):
         assert torch.allclose(runner.forward(step), eager.forward(step), atol=1e-4, rtol=1e-4)
     assert region.is_broken and "runs eagerly from now on" in caplog.text
     assert not runner.model.layers[0].attention_inputs.func.is_broken
+
+
+def test_inductor_probes_do_not_import_brims_operator_package(monkeypatch):
+    """Inductor's CPU-ISA probe runs a child Python on this process's sys.path; with the
+    checkout's root on it (pytest, `python -m` from the root), brim's `operator` package
+    would shadow the standard library's there, and the probe (so every graph) would fail."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from brim.runtime.models import compiled
+
+    root = str(Path(compiled.__file__).resolve().parents[2])  # brim's own folder
+    monkeypatch.delenv("TORCH_CUSTOM_PYTHONPATH", raising=False)
+    monkeypatch.setattr(sys, "path", [root, *sys.path])
+    probe = [sys.executable, "-c", "import operator; operator.add"]
+
+    def child_imports(pythonpath: str) -> bool:
+        env = {**os.environ, "PYTHONPATH": pythonpath}
+        return subprocess.run(probe, env=env, cwd="/", capture_output=True).returncode == 0
+
+    assert not child_imports(os.pathsep.join(sys.path))  # what inductor would pass
+    compiled._keep_inductor_probes_importable()
+    assert child_imports(os.environ["TORCH_CUSTOM_PYTHONPATH"])
