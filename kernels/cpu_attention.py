@@ -1,5 +1,9 @@
 """Paged attention on CPU, with the per-step bookkeeping done once per step, not per layer.
 
+Decodes go through the C++ kernel (cpu_decode.py) when it is built: one call per layer for all
+decoding sequences, reading K and V where they lie in the paged cache. What follows is the
+path without it (and the prefills' path either way).
+
 The computation is the torch reference's (`reference.py`: decodes batched by similar context
 length over a padded gather, SDPA; prefills one sequence at a time), and the results are
 equal element for element. What moves out of the per-layer path is everything that depends
@@ -21,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from brim.kernels.cpu_decode import decode_attention_op
 from brim.kernels.reference import _similar_lengths, is_fp8_cache, quantize_kv
 
 
@@ -42,6 +47,19 @@ class DecodeGroup:
 
 
 @dataclass(slots=True)
+class DecodeBatch:
+    """Every decoding sequence of the step, for the in-place C++ kernel (cpu_decode.py).
+
+    rows: [D] int64 rows of q; tables: [D, max_blocks] int32 block tables; lengths: [D]
+    int64 context lengths.
+    """
+
+    rows: torch.Tensor
+    tables: torch.Tensor
+    lengths: torch.Tensor
+
+
+@dataclass(slots=True)
 class Prefill:
     """One sequence with several queries: positions seq_len - (end - start) .. seq_len - 1."""
 
@@ -59,17 +77,35 @@ class CpuAttentionPlan:
     block_size: int
     decode_groups: list[DecodeGroup]
     prefills: list[Prefill]
+    # Set when the C++ kernel reads the cache in place: all decodes, and no decode_groups.
+    decodes: DecodeBatch | None = None
 
     @classmethod
     def build(cls, block_tables: torch.Tensor, query_start_loc: torch.Tensor,
-              seq_lens: torch.Tensor, block_size: int) -> "CpuAttentionPlan":
+              seq_lens: torch.Tensor, block_size: int,
+              in_place: bool | None = None) -> "CpuAttentionPlan":
         """block_tables [num_seqs, max_blocks] int32, query_start_loc [num_seqs + 1],
-        seq_lens [num_seqs] (context length including this step's queries)."""
+        seq_lens [num_seqs] (context length including this step's queries).
+
+        in_place: decodes through the C++ kernel (cpu_decode.py); None: when it is built.
+        """
+        if in_place is None:
+            in_place = decode_attention_op() is not None
         starts = query_start_loc.tolist()
         lens = seq_lens.tolist()
         query_lens = [starts[i + 1] - starts[i] for i in range(len(lens))]
         tables = block_tables.long()
-        decode = sorted((i for i, n in enumerate(query_lens) if n == 1), key=lambda i: lens[i])
+        decode = [i for i, n in enumerate(query_lens) if n == 1]
+        prefills = [Prefill(start=starts[i], end=starts[i + 1],
+                            block_ids=tables[i, :-(-lens[i] // block_size)], seq_len=lens[i])
+                    for i, n in enumerate(query_lens) if n > 1]
+        if in_place:
+            idx = torch.tensor(decode, dtype=torch.long)
+            batch = DecodeBatch(rows=query_start_loc[:-1].long()[idx],
+                                tables=block_tables[idx].to(torch.int32).contiguous(),
+                                lengths=seq_lens[idx].long())
+            return cls(block_size, [], prefills, batch)
+        decode.sort(key=lambda i: lens[i])
         groups = []
         for group in _similar_lengths(decode, lens):
             idx = torch.tensor(group)
@@ -80,9 +116,6 @@ class CpuAttentionPlan:
                 tokens=query_start_loc[:-1].long()[idx],
                 block_ids=tables[idx, :num_blocks].reshape(-1), num_blocks=num_blocks,
                 lengths=lengths, max_length=max_length))
-        prefills = [Prefill(start=starts[i], end=starts[i + 1],
-                            block_ids=tables[i, :-(-lens[i] // block_size)], seq_len=lens[i])
-                    for i, n in enumerate(query_lens) if n > 1]
         return cls(block_size, groups, prefills)
 
 
@@ -154,6 +187,16 @@ def paged_attention_cpu(
         return out if v_scale == 1.0 else (out.float() * v_scale).to(q.dtype)
     out = torch.empty(q.shape, dtype=q.dtype)
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    if plan.decodes is not None and len(plan.decodes.rows):
+        d = plan.decodes
+        if q.stride(2) != 1 or q.stride(1) != head_dim:
+            q = q.contiguous()
+        # An FP8 cache goes in as its bytes (the kernel widens each element); the K scale
+        # is in `scale` already, the V scale applied by the caller.
+        k_raw = k_cache.cache if isinstance(k_cache, _Fp8View) else k_cache
+        v_raw = v_cache.cache if isinstance(v_cache, _Fp8View) else v_cache
+        decode_attention_op()(q, k_raw, v_raw, d.rows, d.tables, d.lengths, scale,
+                              sliding_window or 0, out)
     for group in plan.decode_groups:
         rows, length = len(group.tokens), group.max_length
         mask = _decode_mask(group, sliding_window)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from brim.kernels.cpu_attention import CpuAttentionPlan
+from brim.kernels.cpu_decode import decode_attention_op
 from brim.runtime.config import EngineConfig
 from brim.runtime.engine.sampler import Sampler
 from brim.runtime.engine.scheduler import SchedulerOutput
@@ -44,6 +45,8 @@ class ModelRunner:
         self.sampler = Sampler(config.seed)
         # A draft model (engine/draft.py) catches up with every step, into its own cache.
         self.draft = None
+        if self.device.type == "cpu":
+            decode_attention_op()  # built (or loaded) now, not on the first decode
         if config.compiles_model:
             compile_model(model)
             self.compile_now()

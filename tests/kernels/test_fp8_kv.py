@@ -73,7 +73,8 @@ def test_triton_attention_reads_fp8_as_the_reference(seed, kind, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_cpu_path_reads_fp8_as_the_reference(seed, dtype):
+@pytest.mark.parametrize("in_place", [True, False], ids=["cpp-decode", "sdpa-decode"])
+def test_cpu_path_reads_fp8_as_the_reference(seed, dtype, in_place):
     from brim.kernels.cpu_attention import CpuAttentionPlan, paged_attention_cpu
 
     k_scale, v_scale = 0.25, 4.0
@@ -83,7 +84,8 @@ def test_cpu_path_reads_fp8_as_the_reference(seed, dtype):
         cache.view(torch.uint8)[cache.float().isnan()] = 0
     scale = 1 / math.sqrt(64)
     want = paged_attention_ref(*batch, scale, k_scale=k_scale, v_scale=v_scale)
-    plan = CpuAttentionPlan.build(block_tables, query_start_loc, seq_lens, 16)
+    plan = CpuAttentionPlan.build(block_tables, query_start_loc, seq_lens, 16, in_place=in_place)
+    assert (plan.decodes is not None) == in_place
 
     got = paged_attention_cpu(q, k8, v8, plan, scale, k_scale=k_scale, v_scale=v_scale)
 

@@ -200,10 +200,15 @@ CPU_CASES = {
 @pytest.mark.parametrize("kind", sorted(CPU_CASES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("sliding_window", [None, 24])
-def test_cpu_plan_equals_the_reference(seed, kind, dtype, sliding_window):
+@pytest.mark.parametrize("in_place", [True, False], ids=["cpp-decode", "sdpa-decode"])
+def test_cpu_plan_equals_the_reference(seed, kind, dtype, sliding_window, in_place):
     """The CPU path computes the reference's operations, with the step's bookkeeping hoisted
-    (stale slots and padding hold finite garbage)."""
+    (stale slots and padding hold finite garbage); its decodes either through SDPA over
+    gathered copies or through the C++ kernel that reads the cache in place."""
     from brim.kernels.cpu_attention import CpuAttentionPlan, paged_attention_cpu
+    from brim.kernels.cpu_decode import decode_attention_op
+
+    assert decode_attention_op() is not None, "the C++ decode kernel did not build"
 
     torch.manual_seed(seed)
     q, k_cache, v_cache, block_tables, query_start_loc, seq_lens = make_batch(
@@ -213,7 +218,8 @@ def test_cpu_plan_equals_the_reference(seed, kind, dtype, sliding_window):
     for cache in (k_cache, v_cache):
         stale = cache.isnan()
         cache[stale] = (torch.randn(int(stale.sum())) * 50).to(dtype)
-    plan = CpuAttentionPlan.build(block_tables, query_start_loc, seq_lens, 16)
+    plan = CpuAttentionPlan.build(block_tables, query_start_loc, seq_lens, 16, in_place=in_place)
+    assert (plan.decodes is not None) == in_place
     scale = 1 / math.sqrt(32)
     for window in (sliding_window, None, sliding_window):  # masks cached per window
         want = paged_attention_ref(q, k_cache, v_cache, block_tables, query_start_loc,
@@ -223,8 +229,11 @@ def test_cpu_plan_equals_the_reference(seed, kind, dtype, sliding_window):
         # float32: decodes are the same operations, bit for bit; prefills go through SDPA's
         # flash kernel (4-D inputs) where the reference's 3-D ones take the math path, equal
         # to float32 rounding. 16-bit: decodes stay in 16 bits with the GQA group as query
-        # rows (SDPA accumulates in float32), within the dtype's tolerance.
-        if dtype == torch.float32:
+        # rows (SDPA accumulates in float32), within the dtype's tolerance. The C++ kernel
+        # (online softmax, float32 accumulation): float32 to rounding, 16-bit to tolerance.
+        if dtype == torch.float32 and in_place:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        elif dtype == torch.float32:
             decode_rows = (query_start_loc[1:] - query_start_loc[:-1]) == 1
             rows = query_start_loc[:-1][decode_rows].long()
             assert torch.equal(got[rows], want[rows])
@@ -232,6 +241,36 @@ def test_cpu_plan_equals_the_reference(seed, kind, dtype, sliding_window):
         else:
             tol = TOLERANCE[dtype]
             torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("num_kv_heads, group, head_dim, block_size, dtype, window", [
+    (1, 8, 128, 32, torch.float16, None),  # one KV head for 8 query heads, 16-bit
+    (4, 1, 64, 8, torch.float32, 5),  # no GQA, small blocks, a window shorter than a block
+    (2, 4, 80, 16, torch.bfloat16, 40),  # head_dim not a power of two
+    (3, 3, 64, 16, torch.float32, 1000),  # a window longer than any sequence
+])
+def test_the_cpp_decode_kernel_equals_the_reference_on_other_shapes(num_kv_heads, group, head_dim,
+                                                                    block_size, dtype, window):
+    """Decodes only (the kernel's part), lengths from 1 to 300 tokens (one, a block, a block
+    and one), stale finite garbage in unowned slots."""
+    from brim.kernels.cpu_attention import CpuAttentionPlan, paged_attention_cpu
+
+    torch.manual_seed(head_dim + block_size)
+    seqs = [(n, 1) for n in (1, 300, 17, block_size, block_size + 1, 64, 2, 129)]
+    q, k_cache, v_cache, block_tables, query_start_loc, seq_lens = make_batch(
+        seqs, num_kv_heads=num_kv_heads, group=group, head_dim=head_dim,
+        block_size=block_size, dtype=dtype)
+    for cache in (k_cache, v_cache):
+        stale = cache.isnan()
+        cache[stale] = (torch.randn(int(stale.sum())) * 50).to(dtype)
+    scale = 1 / math.sqrt(head_dim)
+    want = paged_attention_ref(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens,
+                               scale, sliding_window=window)
+    plan = CpuAttentionPlan.build(block_tables, query_start_loc, seq_lens, block_size,
+                                  in_place=True)
+    got = paged_attention_cpu(q, k_cache, v_cache, plan, scale, sliding_window=window)
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
 def test_the_cpu_store_keeps_the_cache_finite():

@@ -1,0 +1,54 @@
+"""The C++ decode-attention kernel for CPU (cpu_decode_attention.cpp), built on first use.
+
+Decode attention through SDPA needs each sequence's context gathered out of the paged cache
+into a padded copy, per layer and step: on SmolLM2's 64-sequence decode steps that gather and
+SDPA over the padding were ~3 s of a 14 s run (docs/benchmarks.md). The kernel reads the
+blocks where they lie, with an online softmax, all decoding sequences in one call, parallel
+over (sequence, KV head).
+
+It is compiled with the C++ compiler torch.compile already needs (g++), in ~7 s, into torch's
+extension folder (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions), where later
+processes load it in milliseconds; a changed source builds again. If it cannot be built, the
+SDPA path runs (with a warning) and nothing else changes. BRIM_CPU_DECODE_KERNEL=0 turns it
+off (the SDPA path).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_decode_attention.cpp")
+# -ffast-math: exp over a block's scores vectorizes (glibc's libmvec); the kernel keeps its
+# values finite for it (kNoScore). -march=native: built on, and for, the machine it runs on.
+CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
+ENV_SWITCH = "BRIM_CPU_DECODE_KERNEL"
+
+
+@functools.lru_cache(maxsize=None)
+def decode_attention_op():
+    """torch.ops.brim_cpu.decode_attention, built or loaded once per process; None when
+    turned off or when it cannot be built (logged)."""
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return None
+    started = time.perf_counter()
+    try:
+        from torch.utils.cpp_extension import load
+
+        load(name="brim_cpu_decode_attention", sources=[str(SOURCE)], extra_cflags=CFLAGS,
+             extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+        op = torch.ops.brim_cpu.decode_attention
+    except Exception as exc:  # no compiler, a broken toolchain: SDPA still works
+        logger.warning("the C++ decode-attention kernel could not be built, decode attention "
+                       "runs through SDPA over gathered copies (slower): %s",
+                       str(exc).strip().splitlines()[-1][:500] if str(exc).strip() else exc)
+        return None
+    logger.info("C++ decode-attention kernel ready in %.1f s", time.perf_counter() - started)
+    return op
