@@ -24,13 +24,16 @@ namespace {
 // finite floor instead of -inf. exp(kNoScore - max) is 0, as exp(-inf) would be.
 constexpr float kNoScore = -1e30f;
 
-template <typename scalar_t, typename cache_t>
+// kHeadDim: the head size fixed at compile time (64, 128: the inner loops unroll and keep
+// their accumulators in registers), or 0 for any head size read at run time.
+template <typename scalar_t, typename cache_t, int64_t kHeadDim>
 void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache,
                            const at::Tensor& v_cache, const at::Tensor& rows,
                            const at::Tensor& block_tables, const at::Tensor& lengths,
                            double scale, int64_t window, const at::Tensor& out) {
   const int64_t num_seqs = rows.size(0);
-  const int64_t num_heads = q.size(1), head_dim = q.size(2);
+  const int64_t num_heads = q.size(1);
+  const int64_t head_dim = kHeadDim > 0 ? kHeadDim : q.size(2);
   const int64_t block_size = k_cache.size(1), num_kv_heads = k_cache.size(2);
   const int64_t group = num_heads / num_kv_heads;
   const int64_t max_blocks = block_tables.size(1);
@@ -147,6 +150,25 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache,
   });
 }
 
+template <typename scalar_t, typename cache_t>
+void dispatch_head_dim(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                       const at::Tensor& rows, const at::Tensor& block_tables,
+                       const at::Tensor& lengths, double scale, int64_t window,
+                       const at::Tensor& out) {
+  switch (q.size(2)) {
+    case 64:
+      return decode_attention_impl<scalar_t, cache_t, 64>(q, k_cache, v_cache, rows, block_tables,
+                                                          lengths, scale, window, out);
+    case 128:
+      return decode_attention_impl<scalar_t, cache_t, 128>(q, k_cache, v_cache, rows,
+                                                           block_tables, lengths, scale, window,
+                                                           out);
+    default:
+      return decode_attention_impl<scalar_t, cache_t, 0>(q, k_cache, v_cache, rows, block_tables,
+                                                         lengths, scale, window, out);
+  }
+}
+
 void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                       const at::Tensor& rows, const at::Tensor& block_tables,
                       const at::Tensor& lengths, double scale, int64_t window, const at::Tensor& out) {
@@ -171,11 +193,11 @@ void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attention",
                                   [&] {
                                     if (fp8) {
-                                      decode_attention_impl<scalar_t, c10::Float8_e4m3fn>(
+                                      dispatch_head_dim<scalar_t, c10::Float8_e4m3fn>(
                                           q, k_cache, v_cache, rows, block_tables, lengths, scale,
                                           window, out);
                                     } else {
-                                      decode_attention_impl<scalar_t, scalar_t>(
+                                      dispatch_head_dim<scalar_t, scalar_t>(
                                           q, k_cache, v_cache, rows, block_tables, lengths, scale,
                                           window, out);
                                     }
