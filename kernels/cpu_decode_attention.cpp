@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <numeric>
 #include <cmath>
 #include <vector>
 
@@ -54,10 +55,22 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache,
   // together, block_size * num_kv_heads * head_dim contiguous values, read front to back.
   // The cache is far bigger than the L3, so this is a stream from memory; a task per
   // (sequence, head) read a third of every 768-byte slot and ran 1.5x slower in the engine.
-  at::parallel_for(0, num_seqs, 1, [&](int64_t begin, int64_t end) {
+  //
+  // Longest first, handed out one at a time: contexts in one step range from a few tokens to
+  // the whole window, and at::parallel_for's even split of the sequences left one thread
+  // idle while the other finished the long ones.
+  std::vector<int64_t> order(num_seqs);
+  std::iota(order.begin(), order.end(), 0);
+  std::sort(order.begin(), order.end(),
+            [&](int64_t a, int64_t b) { return len_ptr[a] > len_ptr[b]; });
+  const int num_threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), num_seqs));
+#pragma omp parallel num_threads(num_threads)
+  {
     std::vector<float> qf(num_heads * head_dim), acc(num_heads * head_dim), vrow(head_dim);
     std::vector<float> scores(num_heads * block_size), run_max(num_heads), run_sum(num_heads);
-    for (int64_t seq = begin; seq < end; ++seq) {
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < num_seqs; ++i) {
+      const int64_t seq = order[i];
       const int64_t len = len_ptr[seq];
       const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
       const scalar_t* q_row = q_ptr + row_ptr[seq] * q_stride;
@@ -147,7 +160,7 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache,
         }
       }
     }
-  });
+  }
 }
 
 template <typename scalar_t, typename cache_t>
