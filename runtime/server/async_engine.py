@@ -52,7 +52,11 @@ class EngineThread:
 
     async def run(self, fn, *args):
         """fn(*args) on the engine thread, awaited."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return await self.submit(fn, *args)
+
+    def submit(self, fn, *args) -> asyncio.Future:
+        """fn(*args) on the engine thread, starting now (not when the caller next awaits)."""
+        return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -250,19 +254,27 @@ class AsyncEngine:
     # -- the loop -------------------------------------------------------------------------
 
     async def _run(self) -> None:
+        """Step while there is work. The next step starts before this step's outputs are
+        handed out: the streams and metrics (`_dispatch`) run on the event loop while the
+        engine computes, instead of between steps with the engine idle. Aborts and adds
+        are applied in the gap, when no step runs (the engine is not thread-safe)."""
         engine = self.engine
+        running = None  # (future of (outputs, stats), started at)
         while True:
-            if self._apply_pending():
-                self._update_stats()  # the waiting count includes what was just added
-            if not engine.has_unfinished_requests():
-                self._update_stats()
-                self._wakeup.clear()
-                if not self._pending_adds and not self._pending_aborts:
-                    await self._wakeup.wait()
-                continue
-            step_start = time.monotonic()
+            if running is None:
+                if self._apply_pending():
+                    self._update_stats()  # the waiting count includes what was just added
+                if not engine.has_unfinished_requests():
+                    self._update_stats()
+                    self._wakeup.clear()
+                    if not self._pending_adds and not self._pending_aborts:
+                        await self._wakeup.wait()
+                    continue
+                running = self._launch()
+            future, step_start = running
+            running = None
             try:
-                outputs = await self.thread.run(engine.step)
+                outputs, stats = await future
             except EngineDeadError as exc:  # nothing will run again: fail all, then stop
                 logger.critical("the engine is dead: %s", exc)
                 self.dead = exc
@@ -276,9 +288,25 @@ class AsyncEngine:
                                  len(self._streams))
                 self._fail_all(EngineStepError(f"the engine failed during a step: {exc!r}"))
                 continue
+            step_end = time.monotonic()
             self.num_steps += 1
-            self._dispatch(outputs, step_start, time.monotonic())
-            self._update_stats()
+            # Between steps: apply what handlers queued, then start the next step at once.
+            # (Stats again only if that changed something: the step's own are current.)
+            self.stats = engine.get_stats() if self._apply_pending() else stats
+            if engine.has_unfinished_requests():
+                running = self._launch()
+            if self.metrics is not None:
+                self.metrics.update_engine(self.stats)
+            self._dispatch(outputs, step_start, step_end)
+
+    def _launch(self):
+        """Start a step on the engine thread: (future of (outputs, stats after it), start)."""
+        engine = self.engine
+
+        def step():
+            return engine.step(), engine.get_stats()
+
+        return self.thread.submit(step), time.monotonic()
 
     def _apply_pending(self) -> bool:
         """Aborts first (they free blocks), then adds; True if there was anything."""

@@ -102,3 +102,64 @@ def serve_args(argv):
     parser = argparse.ArgumentParser()
     serve.register(parser.add_subparsers())
     return parser.parse_args(["serve", *argv])
+
+
+class SlowMetrics:
+    """ServerMetrics' interface; update_engine takes `seconds`, as a slow exporter would."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.updates: list[tuple[float, float]] = []
+
+    def update_engine(self, stats) -> None:
+        import time
+
+        start = time.monotonic()
+        time.sleep(self.seconds)
+        self.updates.append((start, time.monotonic()))
+
+    def __getattr__(self, name):  # the observe_* histograms: nothing to record here
+        return lambda *args, **kwargs: None
+
+
+class StepTimes:
+    def __init__(self, engine) -> None:
+        self._engine = engine
+        self.steps: list[tuple[float, float]] = []
+
+    def step(self):
+        import time
+
+        start = time.monotonic()
+        try:
+            return self._engine.step()
+        finally:
+            self.steps.append((start, time.monotonic()))
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+
+def test_the_next_step_runs_while_the_last_ones_outputs_are_handed_out(fake_engine):
+    """The event loop's work after a step (streams, metrics) overlaps the next step instead of
+    holding the engine idle: with a 0.3 s metrics update after every step, some update runs
+    while a step does (before, none could: the next step started after them)."""
+    fake_engine.step_delay = 0.3
+    timed = StepTimes(fake_engine)
+    metrics = SlowMetrics(0.3)
+
+    async def main():
+        engine = AsyncEngine(timed, metrics=metrics, thread=EngineThread())
+        engine.start()
+        try:
+            stream = await engine.add("r", [1, 2], SamplingParams(max_tokens=4, ignore_eos=True))
+            tokens = [len(out.outputs[0].token_ids) async for out in stream]
+        finally:
+            await engine.stop()
+        return tokens
+
+    assert asyncio.run(main()) == [1, 2, 3, 4]
+    assert len(timed.steps) == 4
+    overlaps = [(u, s) for u in metrics.updates for s in timed.steps
+                if u[0] < s[1] and s[0] < u[1]]
+    assert overlaps, (metrics.updates, timed.steps)
