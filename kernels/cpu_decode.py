@@ -7,10 +7,10 @@ blocks where they lie, with an online softmax, all decoding sequences in one cal
 over (sequence, KV head).
 
 It is compiled with the C++ compiler torch.compile already needs (g++), in ~7 s, into torch's
-extension folder (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions), where later
-processes load it in milliseconds; a changed source builds again. If it cannot be built, the
-SDPA path runs (with a warning) and nothing else changes. BRIM_CPU_DECODE_KERNEL=0 turns it
-off (the SDPA path).
+extension folder (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions; one build per CPU
+type), where later processes load it in milliseconds; a changed source builds again. If it
+cannot be built, the SDPA path runs (with a warning) and nothing else changes.
+BRIM_CPU_DECODE_KERNEL=0 turns it off (the SDPA path).
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ def decode_attention_op():
     try:
         from torch.utils.cpp_extension import load
 
-        load(name="brim_cpu_decode_attention", sources=[str(SOURCE)], extra_cflags=CFLAGS,
+        load(name=f"brim_cpu_decode_attention_{_cpu_tag()}", sources=[str(SOURCE)],
+             extra_cflags=CFLAGS,
              extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
         op = torch.ops.brim_cpu.decode_attention
     except Exception as exc:  # no compiler, a broken toolchain: SDPA still works
@@ -52,3 +53,17 @@ def decode_attention_op():
         return None
     logger.info("C++ decode-attention kernel ready in %.1f s", time.perf_counter() - started)
     return op
+
+
+def _cpu_tag() -> str:
+    """A short hash of this CPU's feature flags: the build is -march=native, and torch's
+    extension cache keys on the source and flags only, so a home folder shared by machines
+    with different CPUs would otherwise load code this CPU cannot run."""
+    import hashlib
+
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    return hashlib.sha256(flags.encode()).hexdigest()[:10]
