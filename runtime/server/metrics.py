@@ -197,6 +197,7 @@ class ServerMetrics:
             "length": length_buckets(memory_report.max_model_len),
         }
         self._metrics: dict[str, list] = {}
+        self._child_cache: dict[tuple, list] = {}
         for spec in SPECS:
             names = (spec.name,) + (spec.vllm_names if enable_vllm_metrics else ())
             kwargs = {"buckets": bucket_sets[spec.buckets]} if spec.buckets else {}
@@ -237,7 +238,14 @@ class ServerMetrics:
                   gpu_memory_utilization=str(report.gpu_memory_utilization))
 
     def _children(self, key: str, labels: dict):
-        return [m.labels(model_name=self.model_name, **labels) for m in self._metrics[key]]
+        """The labelled series of `key` (brim's and vLLM's names), looked up once: labels()
+        takes a lock and validates per call, and update_engine runs after every step."""
+        cache_key = (key, *sorted(labels.items()))
+        children = self._child_cache.get(cache_key)
+        if children is None:
+            children = self._child_cache[cache_key] = [
+                m.labels(model_name=self.model_name, **labels) for m in self._metrics[key]]
+        return children
 
     def _set(self, key: str, value: float, **labels) -> None:
         for child in self._children(key, labels):

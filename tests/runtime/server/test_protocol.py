@@ -116,3 +116,36 @@ def test_unsupported_fields_are_named():
     text = p.ChatCompletionRequest(messages=[{"role": "user", "content": [
         {"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}])
     assert text.unsupported() is None and text.messages[0].text() == "ab"
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_streamed_chunks_built_as_dicts_equal_the_pydantic_models_dump(include_usage):
+    """The per-token SSE chunks skip pydantic (serving._choice, _choice_chunk); their JSON must
+    be byte for byte what protocol's models give: the models are the reference."""
+    from brim.runtime.server import serving
+
+    completion_logprobs = p.CompletionLogprobs(
+        tokens=[" a", "é"], token_logprobs=[-0.5, None], top_logprobs=[{" a": -0.5}, None],
+        text_offset=[0, 2]).model_dump()
+    chat_logprobs = p.ChatLogprobs(content=[p.ChatTokenLogprob(
+        token="x", logprob=-1.25, bytes=[120],
+        top_logprobs=[p.TopLogprob(token="x", logprob=-1.25, bytes=[120])])]).model_dump()
+    cases = {
+        "completion": [
+            serving._choice(0, text=" hello"),
+            serving._choice(3, text="", finish_reason="stop", stop_reason="###"),
+            serving._choice(1, text="é\n", logprobs=completion_logprobs, finish_reason="length"),
+            serving._choice(2, text="x", finish_reason="stop", stop_reason=7),
+        ],
+        "chat": [
+            serving._choice(0, delta={"role": "assistant", "content": ""}),
+            serving._choice(0, delta={"content": "Hi"}, logprobs=chat_logprobs),
+            serving._choice(1, delta={}, finish_reason="stop", stop_reason=None),
+        ],
+    }
+    models = {"completion": p.CompletionChoice, "chat": p.ChatChunkChoice}
+    for kind, choices in cases.items():
+        job = serving.new_job(kind, "m", [], SamplingParams(), None, include_usage=include_usage)
+        for choice in choices:
+            reference = serving._sse(serving._chunk(job, [models[kind].model_validate(choice)]))
+            assert serving._sse(serving._choice_chunk(job, choice)) == reference
