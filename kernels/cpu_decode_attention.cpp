@@ -17,13 +17,27 @@
 #include <algorithm>
 #include <numeric>
 #include <cmath>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
 // Built with -ffast-math (vectorized exp), which assumes no infinities: scores start from a
 // finite floor instead of -inf. exp(kNoScore - max) is 0, as exp(-inf) would be.
 constexpr float kNoScore = -1e30f;
+
+// The order in which a sequence's work is handed out: longest first (see below).
+std::vector<int64_t> longest_first(const int64_t* lengths, int64_t n) {
+  std::vector<int64_t> order(n);
+  std::iota(order.begin(), order.end(), 0);
+  std::sort(order.begin(), order.end(),
+            [&](int64_t a, int64_t b) { return lengths[a] > lengths[b]; });
+  return order;
+}
 
 // kHeadDim: the head size fixed at compile time (64, 128: the inner loops unroll and keep
 // their accumulators in registers), or 0 for any head size read at run time.
@@ -59,10 +73,7 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache,
   // Longest first, handed out one at a time: contexts in one step range from a few tokens to
   // the whole window, and at::parallel_for's even split of the sequences left one thread
   // idle while the other finished the long ones.
-  std::vector<int64_t> order(num_seqs);
-  std::iota(order.begin(), order.end(), 0);
-  std::sort(order.begin(), order.end(),
-            [&](int64_t a, int64_t b) { return len_ptr[a] > len_ptr[b]; });
+  const std::vector<int64_t> order = longest_first(len_ptr, num_seqs);
   const int num_threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), num_seqs));
 #pragma omp parallel num_threads(num_threads)
   {
@@ -163,11 +174,155 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache,
   }
 }
 
+#if defined(__AVX512F__)
+// The same computation with AVX-512 vectors and a head size fixed at compile time (kHeadDim
+// a multiple of 16), for caches in q's dtype. What differs from the generic loops above is
+// where the work sits: one query head at a time against the block's rows of its KV head
+// (a block's K and V, a few KB, stay in L1 while the head's group re-reads them), with q and
+// the head's output accumulator in registers for the whole block. The generic loops kept all
+// heads' accumulators in memory and loaded and stored them for every token: about twice the
+// time per token on SmolLM2's shapes, below the memory's speed.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+template <typename scalar_t, int64_t kHeadDim>
+void decode_attention_avx512(const at::Tensor& q, const at::Tensor& k_cache,
+                             const at::Tensor& v_cache, const at::Tensor& rows,
+                             const at::Tensor& block_tables, const at::Tensor& lengths,
+                             double scale, int64_t window, const at::Tensor& out) {
+  constexpr int kVecs = kHeadDim / 16;
+  const int64_t num_seqs = rows.size(0);
+  const int64_t num_heads = q.size(1);
+  const int64_t block_size = k_cache.size(1), num_kv_heads = k_cache.size(2);
+  const int64_t group = num_heads / num_kv_heads;
+  const int64_t max_blocks = block_tables.size(1);
+  const int64_t slot_stride = k_cache.stride(1), block_stride = k_cache.stride(0);
+  const int64_t q_stride = q.stride(0), out_stride = out.stride(0);
+
+  const scalar_t* q_ptr = q.data_ptr<scalar_t>();
+  const scalar_t* k_ptr = k_cache.data_ptr<scalar_t>();
+  const scalar_t* v_ptr = v_cache.data_ptr<scalar_t>();
+  const int64_t* row_ptr = rows.data_ptr<int64_t>();
+  const int32_t* table_ptr = block_tables.data_ptr<int32_t>();
+  const int64_t* len_ptr = lengths.data_ptr<int64_t>();
+  scalar_t* out_ptr = out.data_ptr<scalar_t>();
+  const float fscale = static_cast<float>(scale);
+  const int64_t block_bytes = block_stride * static_cast<int64_t>(sizeof(scalar_t));
+
+  const std::vector<int64_t> order = longest_first(len_ptr, num_seqs);
+  const int num_threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), num_seqs));
+#pragma omp parallel num_threads(num_threads)
+  {
+    std::vector<float> acc(num_heads * kHeadDim), scores(block_size);
+    std::vector<float> run_max(num_heads), run_sum(num_heads);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < num_seqs; ++i) {
+      const int64_t seq = order[i];
+      const int64_t len = len_ptr[seq];
+      const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+      const scalar_t* q_row = q_ptr + row_ptr[seq] * q_stride;
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      std::fill(run_max.begin(), run_max.end(), kNoScore);
+      std::fill(run_sum.begin(), run_sum.end(), 0.0f);
+      const int64_t last_block = (len - 1) / block_size;
+      for (int64_t b = first / block_size; b <= last_block; ++b) {
+        const int64_t block = table_ptr[seq * max_blocks + b];
+        if (b < last_block) {
+          const int64_t next = table_ptr[seq * max_blocks + b + 1];
+          const char* nk = reinterpret_cast<const char*>(k_ptr + next * block_stride);
+          const char* nv = reinterpret_cast<const char*>(v_ptr + next * block_stride);
+          for (int64_t off = 0; off < block_bytes; off += 64) {
+            _mm_prefetch(nk + off, _MM_HINT_T1);
+            _mm_prefetch(nv + off, _MM_HINT_T1);
+          }
+        }
+        const int64_t t0 = std::max<int64_t>(first - b * block_size, 0);
+        const int64_t t1 = std::min<int64_t>(len - b * block_size, block_size);
+        for (int64_t hd = 0; hd < num_heads; ++hd) {
+          const int64_t kv_offset = block * block_stride + (hd / group) * kHeadDim;
+          const scalar_t* k_rows = k_ptr + kv_offset;
+          const scalar_t* v_rows = v_ptr + kv_offset;
+          __m512 qv[kVecs];
+          for (int j = 0; j < kVecs; ++j) {
+            qv[j] = _mm512_mul_ps(load16(q_row + hd * kHeadDim + 16 * j),
+                                  _mm512_set1_ps(fscale));
+          }
+          float block_max = kNoScore;
+          for (int64_t t = t0; t < t1; ++t) {
+            const scalar_t* k_row = k_rows + t * slot_stride;
+            __m512 dot = _mm512_mul_ps(qv[0], load16(k_row));
+            for (int j = 1; j < kVecs; ++j) {
+              dot = _mm512_fmadd_ps(qv[j], load16(k_row + 16 * j), dot);
+            }
+            const float score = _mm512_reduce_add_ps(dot);
+            scores[t] = score;
+            block_max = std::max(block_max, score);
+          }
+          const float new_max = std::max(run_max[hd], block_max);
+          const float correction = std::exp(run_max[hd] - new_max);  // 0 on the first block
+          run_max[hd] = new_max;
+          float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+          for (int64_t t = t0; t < t1; ++t) {
+            scores[t] = std::exp(scores[t] - new_max);
+            sum += scores[t];
+          }
+          run_sum[hd] = run_sum[hd] * correction + sum;
+          float* a = acc.data() + hd * kHeadDim;
+          __m512 av[kVecs];
+          const __m512 c = _mm512_set1_ps(correction);
+          for (int j = 0; j < kVecs; ++j) {
+            av[j] = _mm512_mul_ps(_mm512_loadu_ps(a + 16 * j), c);
+          }
+          for (int64_t t = t0; t < t1; ++t) {
+            const scalar_t* v_row = v_rows + t * slot_stride;
+            const __m512 p = _mm512_set1_ps(scores[t]);
+            for (int j = 0; j < kVecs; ++j) {
+              av[j] = _mm512_fmadd_ps(p, load16(v_row + 16 * j), av[j]);
+            }
+          }
+          for (int j = 0; j < kVecs; ++j) {
+            _mm512_storeu_ps(a + 16 * j, av[j]);
+          }
+        }
+      }
+      scalar_t* o_row = out_ptr + row_ptr[seq] * out_stride;
+      for (int64_t hd = 0; hd < num_heads; ++hd) {
+        const float inv = 1.0f / run_sum[hd];
+        for (int64_t i = 0; i < kHeadDim; ++i) {
+          o_row[hd * kHeadDim + i] = static_cast<scalar_t>(acc[hd * kHeadDim + i] * inv);
+        }
+      }
+    }
+  }
+}
+#endif
+
 template <typename scalar_t, typename cache_t>
 void dispatch_head_dim(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                        const at::Tensor& rows, const at::Tensor& block_tables,
                        const at::Tensor& lengths, double scale, int64_t window,
                        const at::Tensor& out) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<scalar_t, cache_t> && !std::is_same_v<scalar_t, double>) {
+    switch (q.size(2)) {
+      case 64:
+        return decode_attention_avx512<scalar_t, 64>(q, k_cache, v_cache, rows, block_tables,
+                                                     lengths, scale, window, out);
+      case 128:
+        return decode_attention_avx512<scalar_t, 128>(q, k_cache, v_cache, rows, block_tables,
+                                                      lengths, scale, window, out);
+      default:
+        break;
+    }
+  }
+#endif
   switch (q.size(2)) {
     case 64:
       return decode_attention_impl<scalar_t, cache_t, 64>(q, k_cache, v_cache, rows, block_tables,

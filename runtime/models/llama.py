@@ -129,6 +129,26 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+# The work between attention calls, in the three shapes a forward pass needs it: what
+# models/compiled.py compiles, a graph each (attention itself stays eager).
+def first_attention_inputs(layer: DecoderLayer, positions, x):
+    """Before the first attention: layer 0's q, k, v."""
+    return layer.attention_inputs(positions, x)
+
+
+def between_attentions(layer: DecoderLayer, next_layer: DecoderLayer, positions, x, attn):
+    """From one layer's attention output to the next layer's attention inputs: the
+    layer's output x, and next_layer's q, k, v."""
+    x = layer.attention_outputs(x, attn)
+    q, k, v = next_layer.attention_inputs(positions, x)
+    return x, q, k, v
+
+
+def after_last_attention(layer: DecoderLayer, norm: RMSNorm, x, attn):
+    """The last layer's output through the final norm: the model's hidden states."""
+    return norm(layer.attention_outputs(x, attn))
+
+
 class LlamaForCausalLM(nn.Module):
     # checkpoint name -> (brim name, shard index) for weights fused into one matmul.
     stacked_params = {
@@ -142,6 +162,7 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, facts: ModelFacts) -> None:
         super().__init__()
         self.facts = facts
+        self.compiled_regions = None  # set by models/compiled.py's compile_model
         self.rotary = RotaryEmbedding(facts.head_dim, facts.max_position_embeddings,
                                       facts.rope_theta, facts.rope_scaling)
         self.embed_tokens = nn.Embedding(facts.vocab_size, facts.hidden_size)
@@ -154,9 +175,19 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids, positions, kv_caches, md: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: [num_tokens] -> hidden states [num_tokens, hidden]."""
         x = self.embed_tokens(input_ids)
-        for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(positions, x, kv_cache, md)
-        return self.norm(x)
+        regions = self.compiled_regions
+        if regions is None:
+            for layer, kv_cache in zip(self.layers, kv_caches):
+                x = layer(positions, x, kv_cache, md)
+            return self.norm(x)
+        # Compiled (models/compiled.py): one call between two attentions, not two.
+        layers = self.layers
+        q, k, v = regions.first(layers[0], positions, x)
+        for i in range(len(layers) - 1):
+            attn = layers[i].self_attn.attend(q, k, v, kv_caches[i], md)
+            x, q, k, v = regions.between(layers[i], layers[i + 1], positions, x, attn)
+        attn = layers[-1].self_attn.attend(q, k, v, kv_caches[-1], md)
+        return regions.last(layers[-1], self.norm, x, attn)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

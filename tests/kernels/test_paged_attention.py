@@ -248,6 +248,9 @@ def test_cpu_plan_equals_the_reference(seed, kind, dtype, sliding_window, in_pla
     (4, 1, 64, 8, torch.float32, 5),  # no GQA, small blocks, a window shorter than a block
     (2, 4, 80, 16, torch.bfloat16, 40),  # head_dim not a power of two
     (3, 3, 64, 16, torch.float32, 1000),  # a window longer than any sequence
+    # bfloat16 at the head sizes with an AVX-512 path (its own widening of the cache)
+    (3, 3, 64, 16, torch.bfloat16, None),
+    (2, 4, 128, 16, torch.bfloat16, 20),
 ])
 def test_the_cpp_decode_kernel_equals_the_reference_on_other_shapes(num_kv_heads, group, head_dim,
                                                                     block_size, dtype, window):

@@ -85,8 +85,8 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=NUM_NEW_TOKENS, ignore_eos=T
 
 
 def _assert_compiled(llm) -> None:
-    layer = llm.engine.runner.model.layers[0]
-    regions = (layer.attention_inputs.func, layer.attention_outputs.func)
+    regions = llm.engine.runner.model.compiled_regions
+    assert regions is not None, "the model is not compiled"
     assert not any(region.is_broken for region in regions), "a compiled region fell back"
 
 

@@ -11,7 +11,7 @@ from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
 from brim.runtime import LLM
 from brim.runtime.engine.model_runner import StepInputs
-from brim.runtime.models.llama import DecoderLayer
+from brim.runtime.models import llama
 from tests.runtime.models.test_llama import _tiny_checkpoint
 
 BLOCK_SIZE = 16
@@ -35,9 +35,12 @@ def _steps() -> list[StepInputs]:
     return [prefill, one, both]
 
 
+REGION_FUNCTIONS = (llama.first_attention_inputs, llama.between_attentions,
+                    llama.after_last_attention)
+
+
 def _cache_entries() -> int:
-    return sum(len(_debug_get_cache_entry_list(fn.__code__))
-               for fn in (DecoderLayer.attention_inputs, DecoderLayer.attention_outputs))
+    return sum(len(_debug_get_cache_entry_list(fn.__code__)) for fn in REGION_FUNCTIONS)
 
 
 @pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-4), ("bfloat16", 0.1)])
@@ -58,16 +61,16 @@ def test_compiled_logits_match_eager_step_by_step(tmp_path, dtype, tolerance):
         assert torch.equal(got.argmax(-1), want.argmax(-1)) or dtype != "float32"
     # Really compiled, not fallen back to eager: pytest has the checkout's root on sys.path,
     # where brim's `operator` package once broke inductor's CPU probe and every graph build.
-    layer = compiled.model.layers[0]
-    assert not (layer.attention_inputs.func.is_broken or layer.attention_outputs.func.is_broken)
-    # Both token-count classes compiled once each for the two regions, shared by the 3
-    # layers (none at all when an earlier test compiled this shape and dtype already),
-    # and at start-up: the steps (2 and more tokens, and 1) compiled nothing.
-    assert _cache_entries() - entries_before <= 4
+    assert not any(region.is_broken for region in compiled.model.compiled_regions)
+    # Both token-count classes compiled once each for the three regions, the one between
+    # attentions shared by the 2 pairs of layers (none at all when an earlier test compiled
+    # this shape and dtype already), and at start-up: the steps (2 and more tokens, and 1)
+    # compiled nothing.
+    assert _cache_entries() - entries_before <= 6
     assert _cache_entries() == compiled_at_start
     for step in _steps():  # and nothing compiles again
         compiled.forward(step)
-    assert _cache_entries() - entries_before <= 4
+    assert _cache_entries() - entries_before <= 6
 
 
 def test_compiled_layers_call_the_packed_onednn_matmuls(tmp_path):
@@ -90,7 +93,7 @@ def test_a_region_that_fails_to_compile_runs_eagerly(tmp_path, caplog):
                 max_model_len=128)
     eager = LLM(str(path), enforce_eager=True, **args).engine.runner
     runner = LLM(str(path), **args).engine.runner
-    region = runner.model.layers[0].attention_outputs.func
+    region = runner.model.compiled_regions.between
 
     def broken(*args):
         raise torch._dynamo.exc.InternalTorchDynamoError("the C++ compiler is missing")
@@ -99,7 +102,7 @@ def test_a_region_that_fails_to_compile_runs_eagerly(tmp_path, caplog):
     for step in _steps():
         assert torch.allclose(runner.forward(step), eager.forward(step), atol=1e-4, rtol=1e-4)
     assert region.is_broken and "runs eagerly from now on" in caplog.text
-    assert not runner.model.layers[0].attention_inputs.func.is_broken
+    assert not runner.model.compiled_regions.first.is_broken
 
 
 def test_inductor_probes_do_not_import_brims_operator_package(monkeypatch):
