@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from brim.kernels.cpu_decode import decode_attention_op
+from brim.kernels.cpu_decode import decode_attention_op, store_kv_op
 from brim.kernels.reference import _similar_lengths, is_fp8_cache, quantize_kv
 
 
@@ -244,8 +244,16 @@ def store_kv_cpu(
     v_scale: float = 1.0,
 ) -> None:
     """Write each token's K and V into its slot, non-finite values as 0: the cache stays
-    finite, which is what lets paged_attention_cpu leave masked slots as they are."""
+    finite, which is what lets paged_attention_cpu leave masked slots as they are.
+
+    A cache in the activations' dtype is written by the C++ op (cpu_decode.py), both caches
+    in one call; an FP8 cache (scaled, saturated) by the torch ops below."""
     slots = slot_mapping.long()
+    store = store_kv_op()
+    if (store is not None and k_cache.dtype == key.dtype == value.dtype
+            and not is_fp8_cache(k_cache)):
+        store(key, value, k_cache, v_cache, slots)
+        return
     for cache, x, scale in ((k_cache, key, k_scale), (v_cache, value, v_scale)):
         x = quantize_kv(torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0), cache.dtype,
                         scale)

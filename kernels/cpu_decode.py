@@ -67,3 +67,9 @@ def _cpu_tag() -> str:
     except OSError:
         flags = ""
     return hashlib.sha256(flags.encode()).hexdigest()[:10]
+
+
+def store_kv_op():
+    """torch.ops.brim_cpu.store_kv (built with the decode kernel, in the same library), or
+    None where that is not built."""
+    return None if decode_attention_op() is None else torch.ops.brim_cpu.store_kv

@@ -17,6 +17,8 @@
 #include <algorithm>
 #include <numeric>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -372,12 +374,91 @@ void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::
                                   });
 }
 
+// store_kv: each token's K and V rows into their cache slots, in one call for both caches
+// (the same values as quantize_kv + index_copy_, without their six dispatches per layer),
+// non-finite values written as 0: the kernel above relies on a finite cache. Finiteness is
+// read from the bits (an all-ones exponent), which -ffast-math cannot assume away.
+template <typename scalar_t>
+inline bool is_finite_bits(scalar_t x) {
+  if constexpr (sizeof(scalar_t) == 4) {
+    uint32_t bits;
+    std::memcpy(&bits, &x, 4);
+    return (bits & 0x7f800000u) != 0x7f800000u;
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    return (x.x & 0x7f80u) != 0x7f80u;
+  } else {
+    static_assert(std::is_same_v<scalar_t, c10::Half>, "float32, bfloat16 or float16");
+    return (x.x & 0x7c00u) != 0x7c00u;
+  }
+}
+
+template <typename scalar_t>
+void store_kv_impl(const at::Tensor& key, const at::Tensor& value, const at::Tensor& k_cache,
+                   const at::Tensor& v_cache, const at::Tensor& slots) {
+  const int64_t num_tokens = slots.size(0);
+  const int64_t row = k_cache.size(2) * k_cache.size(3);  // all KV heads of one slot
+  const int64_t num_slots = k_cache.size(0) * k_cache.size(1);
+  const int64_t* slot_ptr = slots.data_ptr<int64_t>();
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    TORCH_CHECK(slot_ptr[t] >= 0 && slot_ptr[t] < num_slots, "store_kv: slot ", slot_ptr[t],
+                " out of [0, ", num_slots, ")");
+  }
+  const scalar_t* src[2] = {key.data_ptr<scalar_t>(), value.data_ptr<scalar_t>()};
+  const int64_t src_stride[2] = {key.stride(0), value.stride(0)};
+  scalar_t* dst[2] = {k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>()};
+  // A slot is a few hundred bytes: only a prefill's thousands of tokens are worth threads.
+  at::parallel_for(0, num_tokens, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      for (int c = 0; c < 2; ++c) {
+        const scalar_t* in = src[c] + t * src_stride[c];
+        scalar_t* out = dst[c] + slot_ptr[t] * row;
+        for (int64_t i = 0; i < row; ++i) {
+          out[i] = is_finite_bits(in[i]) ? in[i] : scalar_t(0);
+        }
+      }
+    }
+  });
+}
+
+void store_kv(const at::Tensor& key, const at::Tensor& value, const at::Tensor& k_cache,
+              const at::Tensor& v_cache, const at::Tensor& slots) {
+  TORCH_CHECK(key.dim() == 3 && value.sizes() == key.sizes() && k_cache.dim() == 4 &&
+                  v_cache.sizes() == k_cache.sizes() && key.size(1) == k_cache.size(2) &&
+                  key.size(2) == k_cache.size(3),
+              "store_kv: key, value [T, kv_heads, d], caches [blocks, block_size, kv_heads, d]");
+  TORCH_CHECK(key.stride(2) == 1 && key.stride(1) == key.size(2) && value.stride(2) == 1 &&
+                  value.stride(1) == value.size(2),
+              "store_kv: key and value rows must be contiguous [kv_heads, d]");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "store_kv: contiguous caches");
+  TORCH_CHECK(key.scalar_type() == k_cache.scalar_type() &&
+                  value.scalar_type() == k_cache.scalar_type() &&
+                  v_cache.scalar_type() == k_cache.scalar_type(),
+              "store_kv: key, value and the caches share one dtype");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.dim() == 1 &&
+                  slots.size(0) == key.size(0),
+              "store_kv: slots int64 [T]");
+  AT_DISPATCH_SWITCH(key.scalar_type(), "store_kv",
+                     AT_DISPATCH_CASE(at::kFloat, [&] {
+                       store_kv_impl<float>(key, value, k_cache, v_cache, slots);
+                     }) AT_DISPATCH_CASE(at::kBFloat16, [&] {
+                       store_kv_impl<c10::BFloat16>(key, value, k_cache, v_cache, slots);
+                     }) AT_DISPATCH_CASE(at::kHalf, [&] {
+                       store_kv_impl<c10::Half>(key, value, k_cache, v_cache, slots);
+                     }));
+}
+
 }  // namespace
 
 TORCH_LIBRARY(brim_cpu, m) {
   m.def(
       "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor rows, "
       "Tensor block_tables, Tensor lengths, float scale, int window, Tensor(a!) out) -> ()");
+  m.def(
+      "store_kv(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots) "
+      "-> ()");
 }
 
-TORCH_LIBRARY_IMPL(brim_cpu, CPU, m) { m.impl("decode_attention", &decode_attention); }
+TORCH_LIBRARY_IMPL(brim_cpu, CPU, m) {
+  m.impl("decode_attention", &decode_attention);
+  m.impl("store_kv", &store_kv);
+}

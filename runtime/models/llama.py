@@ -70,12 +70,11 @@ class Attention(nn.Module):
     def project(self, positions, x):
         """x [T, hidden] -> q [T, heads, head_dim], k and v [T, kv_heads, head_dim], RoPE'd."""
         num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
-        return q, k, v
+        qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        # q's and k's heads lie side by side: rotated in one pass, then split (views).
+        qk = self.rotary.rotate(positions, qk.view(num_tokens, -1, self.head_dim))
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        return q, k, v.view(num_tokens, self.num_kv_heads, self.head_dim)
 
     def attend(self, q, k, v, kv_cache, md: AttentionMetadata) -> torch.Tensor:
         """Store k, v in the paged cache and attend: [T, heads * head_dim]. Never compiled

@@ -57,16 +57,34 @@ class RotaryEmbedding(torch.nn.Module):
         positions = torch.arange(self.max_positions, device=device, dtype=torch.float32)
         freqs = torch.outer(positions, inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)  # [P, head_dim]
-        self.cos_sin = torch.stack((emb.cos(), emb.sin()), dim=1)
+        # The sine with rotate_half's sign folded in: rotate_half(x) * sin equals
+        # swap_halves(x) * [-sin, sin] exactly (negation commutes with IEEE products).
+        half = self.head_dim // 2
+        signed_sin = torch.cat((-emb[:, :half].sin(), emb[:, half:].sin()), dim=-1)
+        self.cos_sin = torch.stack((emb.cos(), signed_sin), dim=1)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        # q: [T, H, D], k: [T, KVH, D]; rotate in the activations' dtype like transformers.
-        cos_sin = self.cos_sin[positions].to(q.dtype)  # [T, 2, D]
-        cos, sin = cos_sin[:, None, 0], cos_sin[:, None, 1]
+        """q: [T, H, D], k: [T, KVH, D] -> both rotated (new tensors)."""
+        cos, sin = self._table(positions, q.dtype)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
+    def rotate(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, heads, D] (q's and k's heads side by side, say) -> rotated (a new tensor):
+        one pass for all of them, which matters when a step is a few tokens and each op's
+        dispatch costs more than its arithmetic."""
+        cos, sin = self._table(positions, x.dtype)
+        return _rotate(x, cos, sin)
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    def _table(self, positions: torch.Tensor, dtype: torch.dtype):
+        # Rotate in the activations' dtype like transformers.
+        cos_sin = self.cos_sin[positions].to(dtype)  # [T, 2, D]
+        return cos_sin[:, None, 0], cos_sin[:, None, 1]
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1] written as the halves
+    swapped times the signed sine (`RotaryEmbedding.build`): the same values, bit for bit, in
+    any dtype, from three kernels instead of six."""
+    *lead, dim = x.shape
+    swapped = x.unflatten(-1, (2, dim // 2)).flip(-2).flatten(-2)
+    return x * cos + swapped * signed_sin

@@ -290,3 +290,30 @@ def test_the_cpu_store_keeps_the_cache_finite():
     flat_k, flat_v = k_cache.view(-1, 2, 8), v_cache.view(-1, 2, 8)
     assert flat_k[5, 0, 0] == 0 and flat_v[17, 1, 1] == 0 and flat_v[63, 0, 3] == 0
     assert torch.equal(flat_k[17], key[1]) and torch.equal(flat_v[5], value[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_cpp_store_writes_what_the_torch_ops_write(dtype):
+    """The C++ store (both caches in one call) against nan_to_num + index_copy_, on rows that
+    are views of a wider projection output (as q/k/v are), non-finite values included."""
+    from brim.kernels.cpu_attention import store_kv_cpu
+    from brim.kernels.cpu_decode import store_kv_op
+
+    assert store_kv_op() is not None, "the C++ kernels did not build"
+    torch.manual_seed(0)
+    num_tokens, kv_heads, head_dim = 37, 2, 16
+    qkv = torch.randn(num_tokens, 5 * kv_heads * head_dim).to(dtype)
+    key = qkv[:, 3 * kv_heads * head_dim:4 * kv_heads * head_dim].view(num_tokens, kv_heads,
+                                                                        head_dim)
+    value = qkv[:, 4 * kv_heads * head_dim:].view(num_tokens, kv_heads, head_dim)
+    key[3, 1, 2], key[9, 0, 0], value[20, 1, 15] = float("nan"), float("inf"), -float("inf")
+    slots = torch.randperm(8 * 16)[:num_tokens]
+    k_cache, v_cache = (torch.full((8, 16, kv_heads, head_dim), 7.0, dtype=dtype)
+                        for _ in range(2))
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    for cache, x in ((want_k, key), (want_v, value)):
+        cache.view(-1, kv_heads, head_dim)[slots] = torch.nan_to_num(x, 0.0, 0.0, 0.0)
+    store_kv_cpu(key, value, k_cache, v_cache, slots)
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+    with pytest.raises(RuntimeError, match="out of"):
+        store_kv_op()(key, value, k_cache, v_cache, torch.full((num_tokens,), 8 * 16))
