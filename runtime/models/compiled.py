@@ -35,6 +35,7 @@ loads it instead of compiling.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -63,14 +64,19 @@ class _Region:
     compiled.
     """
 
-    def __init__(self, fn) -> None:
+    def __init__(self, fn, few=None) -> None:
         self.eager = fn
+        # Steps under MIN_COMPILED_TOKENS: `few` (the same computation through fused C++ ops)
+        # when given, else fn op by op.
+        self.few = few or fn
         self.compiled = torch.compile(fn, fullgraph=True, dynamic=False)
         self.is_broken = False
 
     def __call__(self, *args):
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
-        if self.is_broken or tensors[0].shape[0] < MIN_COMPILED_TOKENS:
+        if tensors[0].shape[0] < MIN_COMPILED_TOKENS:
+            return self.few(*args)
+        if self.is_broken:
             return self.eager(*args)
         # Dynamic in the token count from the first call, so no count of tokens past the
         # first two compiles again.
@@ -102,6 +108,7 @@ def compile_model(model) -> None:
     """Route the model's work between attention calls through compiled regions (in place).
     Compilation itself happens on the first forward of each token-count class
     (`ModelRunner.compile_now` runs both at start-up)."""
+    from brim.kernels.cpu_decode import layer_ops
     from brim.runtime.models import llama
 
     _keep_inductor_probes_importable()
@@ -112,9 +119,14 @@ def compile_model(model) -> None:
                                                MAX_GRAPHS_PER_REGION)
     # Dynamo keeps graphs per code object: every model of the same shapes and dtype shares
     # them, whichever Regions calls them.
-    model.compiled_regions = Regions(_Region(llama.first_attention_inputs),
-                                     _Region(llama.between_attentions),
-                                     _Region(llama.after_last_attention))
+    ops = layer_ops()
+    few = ((functools.partial(llama.first_attention_inputs_few, ops),
+            functools.partial(llama.between_attentions_few, ops),
+            functools.partial(llama.after_last_attention_few, ops))
+           if ops is not None else (None, None, None))
+    model.compiled_regions = Regions(_Region(llama.first_attention_inputs, few[0]),
+                                     _Region(llama.between_attentions, few[1]),
+                                     _Region(llama.after_last_attention, few[2]))
 
 
 def inductor_cache_dir() -> str:

@@ -148,6 +148,48 @@ def after_last_attention(layer: DecoderLayer, norm: RMSNorm, x, attn):
     return norm(layer.attention_outputs(x, attn))
 
 
+# The same three for steps of a few tokens on CPU, where they run eagerly (models/compiled.py,
+# MIN_COMPILED_TOKENS): the norms with their residual adds, SiLU * up and RoPE as single C++
+# ops (kernels/cpu_layer_ops.cpp, `ops` = torch.ops.brim_cpu), 12 dispatches per layer
+# besides the matmuls and attention instead of ~45. x, the residual stream, is updated in
+# place: the forward's own tensor (the embedding's output), read by nothing else.
+def first_attention_inputs_few(ops, layer: DecoderLayer, positions, x):
+    norm = layer.input_layernorm
+    return _project_normed(ops, layer.self_attn, positions, ops.rms_norm(x, norm.weight, norm.eps))
+
+
+def between_attentions_few(ops, layer: DecoderLayer, next_layer: DecoderLayer, positions, x,
+                           attn):
+    h = _mlp_few(ops, layer, x, attn)
+    norm = next_layer.input_layernorm
+    h = ops.add_rms_norm_(x, h, norm.weight, norm.eps)
+    q, k, v = _project_normed(ops, next_layer.self_attn, positions, h)
+    return x, q, k, v
+
+
+def after_last_attention_few(ops, layer: DecoderLayer, norm: RMSNorm, x, attn):
+    return ops.add_rms_norm_(x, _mlp_few(ops, layer, x, attn), norm.weight, norm.eps)
+
+
+def _mlp_few(ops, layer: DecoderLayer, x, attn):
+    """x += o_proj(attn) (in place); the MLP's output on the post-attention norm of x (the
+    caller adds it)."""
+    norm = layer.post_attention_layernorm
+    h = ops.add_rms_norm_(x, layer.self_attn.o_proj(attn), norm.weight, norm.eps)
+    return layer.mlp.down_proj(ops.silu_mul(layer.mlp.gate_up_proj(h)))
+
+
+def _project_normed(ops, attn: Attention, positions, h):
+    """Attention.project on an already normed h, RoPE in place on the q/k/v output."""
+    num_tokens = h.shape[0]
+    qkv = attn.qkv_proj(h)
+    qk = qkv[:, :attn.q_size + attn.kv_size].view(num_tokens, -1, attn.head_dim)
+    ops.rope_(qk, positions, attn.rotary.cos_sin)
+    q, k = qk.split([attn.num_heads, attn.num_kv_heads], dim=1)
+    return q, k, qkv[:, attn.q_size + attn.kv_size:].view(num_tokens, attn.num_kv_heads,
+                                                          attn.head_dim)
+
+
 class LlamaForCausalLM(nn.Module):
     # checkpoint name -> (brim name, shard index) for weights fused into one matmul.
     stacked_params = {
