@@ -217,15 +217,22 @@ void decode_attention_avx512(const at::Tensor& q, const at::Tensor& k_cache,
   const float fscale = static_cast<float>(scale);
   const int64_t block_bytes = block_stride * static_cast<int64_t>(sizeof(scalar_t));
 
+  // Tasks: a sequence with all its heads, longest first; with fewer sequences than threads
+  // (a decode of one or two), a task per (sequence, query head) instead, so no thread idles.
   const std::vector<int64_t> order = longest_first(len_ptr, num_seqs);
-  const int num_threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), num_seqs));
+  const int64_t max_threads = at::get_num_threads();
+  const int64_t heads_per_task = num_seqs < max_threads ? 1 : num_heads;
+  const int64_t tasks_per_seq = num_heads / heads_per_task;
+  const int64_t num_tasks = num_seqs * tasks_per_seq;
+  const int num_threads = static_cast<int>(std::min<int64_t>(max_threads, num_tasks));
 #pragma omp parallel num_threads(num_threads)
   {
     std::vector<float> acc(num_heads * kHeadDim), scores(block_size);
     std::vector<float> run_max(num_heads), run_sum(num_heads);
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t i = 0; i < num_seqs; ++i) {
-      const int64_t seq = order[i];
+    for (int64_t task = 0; task < num_tasks; ++task) {
+      const int64_t seq = order[task / tasks_per_seq];
+      const int64_t h0 = (task % tasks_per_seq) * heads_per_task, h1 = h0 + heads_per_task;
       const int64_t len = len_ptr[seq];
       const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
       const scalar_t* q_row = q_ptr + row_ptr[seq] * q_stride;
@@ -246,7 +253,7 @@ void decode_attention_avx512(const at::Tensor& q, const at::Tensor& k_cache,
         }
         const int64_t t0 = std::max<int64_t>(first - b * block_size, 0);
         const int64_t t1 = std::min<int64_t>(len - b * block_size, block_size);
-        for (int64_t hd = 0; hd < num_heads; ++hd) {
+        for (int64_t hd = h0; hd < h1; ++hd) {
           const int64_t kv_offset = block * block_stride + (hd / group) * kHeadDim;
           const scalar_t* k_rows = k_ptr + kv_offset;
           const scalar_t* v_rows = v_ptr + kv_offset;
@@ -295,7 +302,7 @@ void decode_attention_avx512(const at::Tensor& q, const at::Tensor& k_cache,
         }
       }
       scalar_t* o_row = out_ptr + row_ptr[seq] * out_stride;
-      for (int64_t hd = 0; hd < num_heads; ++hd) {
+      for (int64_t hd = h0; hd < h1; ++hd) {
         const float inv = 1.0f / run_sum[hd];
         for (int64_t i = 0; i < kHeadDim; ++i) {
           o_row[hd * kHeadDim + i] = static_cast<scalar_t>(acc[hd * kHeadDim + i] * inv);

@@ -317,3 +317,29 @@ def test_the_cpp_store_writes_what_the_torch_ops_write(dtype):
     assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
     with pytest.raises(RuntimeError, match="out of"):
         store_kv_op()(key, value, k_cache, v_cache, torch.full((num_tokens,), 8 * 16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lengths", [(300,), (1,), (40, 129)])
+def test_the_cpp_decode_kernel_splits_few_sequences_by_head(dtype, lengths):
+    """Fewer decoding sequences than threads: a task per (sequence, query head)."""
+    from brim.kernels.cpu_attention import CpuAttentionPlan, paged_attention_cpu
+
+    torch.manual_seed(len(lengths))
+    q, k_cache, v_cache, block_tables, query_start_loc, seq_lens = make_batch(
+        [(n, 1) for n in lengths], num_kv_heads=3, group=3, head_dim=64, block_size=16,
+        dtype=dtype)
+    for cache in (k_cache, v_cache):
+        stale = cache.isnan()
+        cache[stale] = (torch.randn(int(stale.sum())) * 50).to(dtype)
+    want = paged_attention_ref(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens,
+                               0.125)
+    plan = CpuAttentionPlan.build(block_tables, query_start_loc, seq_lens, 16, in_place=True)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(max(threads, len(lengths) + 1))
+        got = paged_attention_cpu(q, k_cache, v_cache, plan, 0.125)
+    finally:
+        torch.set_num_threads(threads)
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
