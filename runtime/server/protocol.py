@@ -361,9 +361,13 @@ def responses(ok: type[BaseModel] | None, *errors: int, stream: bool = False,
     if ok is not None:
         content["application/json"] = {"schema": schema_ref(ok)}
     if stream:
+        # OpenAPI before 3.2 (FastAPI writes 3.1) has an event stream's `schema` describe
+        # one event: an object with its fields, as the SSE format parses them.
         content["text/event-stream"] = {"schema": {
-            "type": "string", "description": "with stream=true: `data: <chunk JSON>` events, "
-                                             "then `data: [DONE]`"}}
+            "type": "object", "required": ["data"],
+            "description": "with stream=true: `data: <chunk JSON>` events, then `data: [DONE]`",
+            "properties": {"data": {"type": "string",
+                                    "description": "a chunk's JSON, or [DONE] after the last"}}}}
     out: dict = {200: {"description": description, "content": content}}
     for status in errors:
         out[status] = error_response(status)
