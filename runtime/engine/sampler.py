@@ -159,15 +159,29 @@ class Sampler:
 
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         probs = self._probs(logits, requests)
-        # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p. Each row's noise
-        # comes from its own generator when seeded, so a seeded request's tokens do not
-        # depend on what else is in the batch.
-        # The generators live on the CPU, so the noise is drawn there on every device.
-        noise = torch.ones(probs.shape, dtype=torch.float32)
+        # One uniform per row, from the request's own generator when seeded, so a seeded
+        # request's tokens do not depend on what else is in the batch. The generators live
+        # on the CPU, so the draws are made there on every device.
+        uniforms = torch.zeros(len(requests), dtype=torch.float64)
         for row, request in enumerate(requests):
             if not request.params.is_greedy:
-                noise[row].exponential_(generator=request.generator or self.generator)
-        return (probs / noise.to(probs.device)).argmax(dim=-1)
+                uniforms[row] = float(torch.rand((), dtype=torch.float64,
+                                                 generator=request.generator or self.generator))
+        return _inverse_cdf(probs, uniforms.to(probs.device))
+
+
+def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """For each row of probs [S, V] (unnormalised, >= 0) and u in [0, 1): the first token
+    whose cumulative mass exceeds u times the row's total, which is a draw from the row's
+    distribution. One uniform per row: an exponential race (argmax p / E, E ~ Exp(1)) needs
+    one per token, and torch draws exponentials at ~14 ns each on CPU, 0.7 ms for a
+    49k-token vocabulary, per row and step (9 ms of a 26 ms batch-8 decode step, against
+    ~0.2 ms for this). The sum is in float64, so that a token with a probability far below
+    float32's resolution of the running sum keeps its chance; a zero-probability token never
+    has one (the cumulative sum does not grow at it)."""
+    cdf = probs.double().cumsum(dim=-1)
+    target = uniforms.double()[:, None] * cdf[:, -1:]
+    return torch.searchsorted(cdf, target, right=True)[:, 0].clamp_(max=probs.shape[-1] - 1)
 
 
 def _logprob_entry(row_logprobs: torch.Tensor, token: int, k: int) -> tuple:
@@ -181,6 +195,6 @@ def _logprob_entry(row_logprobs: torch.Tensor, token: int, k: int) -> tuple:
 
 def _draw(probs: torch.Tensor, generator: torch.Generator) -> int:
     """One token from a (possibly unnormalised) distribution over the vocabulary, by the
-    same exponential race as Sampler._sample."""
-    noise = torch.empty(probs.shape, dtype=torch.float32).exponential_(generator=generator)
-    return int((probs.float().cpu() / noise).argmax())
+    same inverse CDF as Sampler._sample."""
+    u = torch.rand((1,), dtype=torch.float64, generator=generator)
+    return int(_inverse_cdf(probs.float().cpu()[None, :], u)[0])

@@ -238,3 +238,24 @@ def test_values_beyond_the_tensors_range_are_clamped_not_fatal():
     assert set(tokens[:, 0]) == set(range(len(PROBS)))  # the whole support, none cut
     assert EOS not in set(tokens[:, 1])  # min_tokens still masks EOS, no NaN rows
     assert set(tokens[:, 1]) == set(range(len(PROBS))) - {EOS}
+
+
+def test_inverse_cdf_maps_each_uniform_to_the_token_whose_mass_it_lands_in():
+    """The draw behind Sampler._sample: u in [0, 1) picks the first token whose cumulative
+    mass exceeds u times the total; a token of probability 0 is never picked, and the
+    running sum has the resolution to reach a token far below float32's."""
+    from brim.runtime.engine.sampler import _inverse_cdf
+
+    probs = torch.tensor([[0.2, 0.0, 0.5, 0.3], [1.4, 0.0, 3.5, 2.1]])  # the second: x7
+    for u, want in ((0.0, 0), (0.19, 0), (0.21, 2), (0.69, 2), (0.71, 3), (0.999999, 3)):
+        got = _inverse_cdf(probs, torch.tensor([u, u], dtype=torch.float64))
+        assert got.tolist() == [want, want], (u, got)
+    sweep = torch.linspace(0, 1, 10_001, dtype=torch.float64)[:-1]
+    picked = _inverse_cdf(probs[:1].expand(len(sweep), -1), sweep)
+    assert 1 not in picked.tolist() and set(picked.tolist()) == {0, 2, 3}
+    # each token's share of the sweep is its probability
+    assert [round(float((picked == t).double().mean()), 3) for t in (0, 2, 3)] == [0.2, 0.5, 0.3]
+    tiny = torch.full((1, 100_001), 1e-5)
+    tiny[0, -1] = 1e-12  # ~1e-12 of the mass, after 100k tokens: float32 sums lose it
+    u = 1 - 0.5e-12 / float(tiny.double().sum())
+    assert _inverse_cdf(tiny, torch.tensor([u], dtype=torch.float64)).item() == 100_000
