@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from brim.runtime.engine.sampler import Sampler, apply_min_tokens, filter_logits
+from brim.runtime.engine.sampler import (Sampler, _inverse_cdf, _inverse_cdf_flat, apply_min_tokens,
+                                         filter_logits)
 
 from tests.runtime.engine.conftest import EOS, make_request
 
@@ -244,8 +245,6 @@ def test_inverse_cdf_maps_each_uniform_to_the_token_whose_mass_it_lands_in():
     """The draw behind Sampler._sample: u in [0, 1) picks the first token whose cumulative
     mass exceeds u times the total; a token of probability 0 is never picked, and the
     running sum has the resolution to reach a token far below float32's."""
-    from brim.runtime.engine.sampler import _inverse_cdf
-
     probs = torch.tensor([[0.2, 0.0, 0.5, 0.3], [1.4, 0.0, 3.5, 2.1]])  # the second: x7
     for u, want in ((0.0, 0), (0.19, 0), (0.21, 2), (0.69, 2), (0.71, 3), (0.999999, 3)):
         got = _inverse_cdf(probs, torch.tensor([u, u], dtype=torch.float64))
@@ -258,4 +257,24 @@ def test_inverse_cdf_maps_each_uniform_to_the_token_whose_mass_it_lands_in():
     tiny = torch.full((1, 100_001), 1e-5)
     tiny[0, -1] = 1e-12  # ~1e-12 of the mass, after 100k tokens: float32 sums lose it
     u = 1 - 0.5e-12 / float(tiny.double().sum())
-    assert _inverse_cdf(tiny, torch.tensor([u], dtype=torch.float64)).item() == 100_000
+    assert _inverse_cdf_flat(tiny, torch.tensor([[u]], dtype=torch.float64)).item() == 100_000
+
+
+def test_inverse_cdf_in_blocks_picks_what_the_flat_sum_picks():
+    """Large vocabularies go block first, then token: the same token as one float64 sum over
+    the row for almost every u (they may part only where rounding puts u on a boundary),
+    never one of probability 0, and the lone possible token of a row always."""
+    torch.manual_seed(0)
+    probs = torch.rand(6, 49_999) ** 8  # peaky, with a vocabulary no multiple of the block
+    probs[probs < 0.05] = 0.0  # most tokens impossible
+    probs[3] = 0.0
+    probs[3, 12_345] = 1e-3
+    same = total = 0
+    for row_u in torch.rand(2000, 6, dtype=torch.float64):
+        got = _inverse_cdf(probs, row_u)
+        want = _inverse_cdf_flat(probs, row_u[:, None])
+        assert bool((probs[torch.arange(6), got] > 0).all())
+        assert got[3].item() == 12_345
+        same += int((got == want).sum())
+        total += got.numel()
+    assert same / total > 0.999, same / total
