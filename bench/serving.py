@@ -14,9 +14,11 @@ everyone else's (the machine's busy time minus both): a phase whose outside load
 --max-outside-load cores is marked discarded and left out of the ratios.
 
 The serving-path overhead: brim's offline engine runs the same shape (one request, a
---prompt-tokens prompt, --output-tokens tokens, greedy) in its own process; its time per
-output token against the server's inter-token latency p50 at concurrency 1 is what the HTTP
-path adds.
+--prompt-tokens prompt, --output-tokens tokens, sampled at temperature 1 as the server samples
+guidellm's requests, which name no temperature) in its own process, in every round just
+before brim's server; its time per output token against that round's inter-token latency p50
+at concurrency 1 is what the HTTP path adds. The two are paired by round because this
+machine's speed drifts by 10-20% within an hour.
 
     .venv/bin/python bench/serving.py [--rounds 2] [--concurrency 1 8 32 128] [--engines brim vllm]
 
@@ -250,8 +252,10 @@ def offline_worker(spec: dict) -> None:
     ttfts, per_token = [], []
     for i in range(spec["repeats"] + 1):
         prompt = [rng.randrange(100, spec["vocab_size"]) for _ in range(spec["prompt_tokens"])]
+        # What the server makes of guidellm's request (no temperature named): the OpenAI
+        # default, 1.0, so the sampler's cost is on both sides of the comparison.
         engine.add_request(str(i), prompt, SamplingParams(max_tokens=spec["output_tokens"],
-                                                          temperature=0, ignore_eos=True))
+                                                          temperature=1.0, ignore_eos=True))
         stamps, start = [], time.perf_counter()
         while engine.has_unfinished_requests():
             engine.step()
@@ -286,6 +290,39 @@ def summarize(results: list[dict], concurrency: list[int]) -> dict:
                 "wall_s": statistics.median(ph["wall_s"] for ph in kept),
             }
     return table
+
+
+def run_offline(args, model_dir: Path, workdir: Path) -> dict:
+    spec = {"engine": "brim-offline", "model": str(model_dir), "dtype": args.dtype,
+            "max_num_seqs": args.max_num_seqs, "threads": args.threads, "repeats": 3,
+            "prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens,
+            "vocab_size": args.vocab_size}
+    offline = common.spawn_worker(sys.executable, Path(__file__).resolve(), spec, workdir)
+    print(f"[brim offline] TTFT p50 {offline['ttft_ms_p50']:.0f} ms, per output token p50 "
+          f"{offline['per_token_ms_p50']:.1f} ms", flush=True)
+    return offline
+
+
+def serving_overhead(results: list[dict], offline: dict, concurrency: list[int]) -> dict | None:
+    """Per round: brim's ITL p50 at concurrency 1 against the offline per-token p50 measured
+    just before it; and the median over the rounds that have both."""
+    if 1 not in concurrency:
+        return None
+    rounds = []
+    for result in results:
+        reference = offline.get(result["round"])
+        if result["engine"] != "brim" or reference is None:
+            continue
+        for ph in result["phases"]:
+            if ph["concurrency"] == 1 and not ph["discarded"] and ph["itl_ms"]["p50"]:
+                rounds.append({"round": result["round"], "server_itl_p50_ms": ph["itl_ms"]["p50"],
+                               "offline_per_token_p50_ms": reference["per_token_ms_p50"],
+                               "overhead_fraction": ph["itl_ms"]["p50"]
+                               / reference["per_token_ms_p50"] - 1})
+    if not rounds:
+        return None
+    return {"rounds": rounds,
+            "overhead_fraction": statistics.median(r["overhead_fraction"] for r in rounds)}
 
 
 def main() -> int:
@@ -323,19 +360,12 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="brim-serving-"))
     print(f"work folder (server logs, guidellm reports): {workdir}", flush=True)
 
-    offline = None
-    if not args.no_offline and "brim" in args.engines:
-        spec = {"engine": "brim-offline", "model": str(model_dir), "dtype": args.dtype,
-                "max_num_seqs": args.max_num_seqs, "threads": args.threads, "repeats": 3,
-                "prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens,
-                "vocab_size": args.vocab_size}
-        offline = common.spawn_worker(sys.executable, Path(__file__).resolve(), spec, workdir)
-        print(f"[brim offline] TTFT p50 {offline['ttft_ms_p50']:.0f} ms, per output token p50 "
-              f"{offline['per_token_ms_p50']:.1f} ms", flush=True)
-
+    offline = {}  # round -> the offline reference measured just before brim's server
     results = []
     for round_ in range(args.rounds):
         for engine in args.engines:
+            if engine == "brim" and not args.no_offline:
+                offline[round_] = run_offline(args, model_dir, workdir)
             results.append(run_server(engine, args, model_dir, exe, workdir, round_,
                                       vllm_python))
     table = summarize(results, args.concurrency)
@@ -348,13 +378,7 @@ def main() -> int:
             ratios[c] = {"output_tok_s": b["output_tok_s"] / v["output_tok_s"],
                          "itl_p50": b["itl_p50_ms"] / v["itl_p50_ms"],
                          "ttft_p50": b["ttft_p50_ms"] / v["ttft_p50_ms"]}
-    overhead = None
-    if offline and f"brim@{args.concurrency[0]}" in table and args.concurrency[0] == 1:
-        server_itl = table["brim@1"]["itl_p50_ms"]
-        overhead = {"server_itl_p50_ms": server_itl,
-                    "offline_per_token_p50_ms": offline["per_token_ms_p50"],
-                    "overhead_fraction": server_itl / offline["per_token_ms_p50"] - 1}
-
+    overhead = serving_overhead(results, offline, args.concurrency)
     print(f"\n{'level':>6} {'engine':>6} {'out tok/s':>10} {'TTFT p50':>9} {'ITL p50':>8} "
           f"{'ITL p90':>8} {'srv CPU/wall':>12}")
     for key, row in table.items():
@@ -366,15 +390,20 @@ def main() -> int:
         print(f"c={c}: brim/vLLM output tok/s {r['output_tok_s']:.2f}x, ITL p50 "
               f"{r['itl_p50']:.2f}x, TTFT p50 {r['ttft_p50']:.2f}x")
     if overhead:
-        print(f"serving overhead at c=1: ITL p50 {overhead['server_itl_p50_ms']:.1f} ms vs "
-              f"offline {overhead['offline_per_token_p50_ms']:.1f} ms per token: "
+        for row in overhead["rounds"]:
+            print(f"serving overhead at c=1, round {row['round']}: ITL p50 "
+                  f"{row['server_itl_p50_ms']:.1f} ms vs offline "
+                  f"{row['offline_per_token_p50_ms']:.1f} ms per token: "
+                  f"{row['overhead_fraction'] * 100:+.1f}%")
+        print(f"serving overhead at c=1 (median over rounds): "
               f"{overhead['overhead_fraction'] * 100:+.1f}%")
     record = {"utc": common.utc_stamp(), "commit": common.git_commit(),
               "machine": common.machine_info(), "args": {k: str(v) for k, v in vars(args).items()},
               "versions": {"brim": common.venv_versions(Path(sys.executable)),
                            **({"vllm": common.venv_versions(vllm_python)} if vllm_python else {}),
                            "guidellm": GUIDELLM_VERSION},
-              "offline": offline, "results": results, "summary": table,
+              "offline": {str(r): o for r, o in offline.items()}, "results": results,
+              "summary": table,
               "ratios": {str(c): r for c, r in ratios.items()}, "overhead": overhead}
     path = common.write_results("serving", record)
     print(f"wrote {path}")
