@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("cpu_decode_attention.cpp")
 # The same library: a decoder layer's pointwise parts as single ops (cpu_layer_ops.cpp).
 LAYER_OPS_SOURCE = Path(__file__).with_name("cpu_layer_ops.cpp")
+SAMPLING_SOURCE = Path(__file__).with_name("cpu_sampling.cpp")
+SOURCES = [SOURCE, LAYER_OPS_SOURCE, SAMPLING_SOURCE]  # one library: torch.ops.brim_cpu
 # -ffast-math: exp over a block's scores vectorizes (glibc's libmvec); the kernel keeps its
 # values finite for it (kNoScore). -march=native: built on, and for, the machine it runs on.
 CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
@@ -44,8 +46,8 @@ def decode_attention_op():
     try:
         from torch.utils.cpp_extension import load
 
-        load(name=f"brim_cpu_decode_attention_{_cpu_tag()}", sources=[str(SOURCE), str(LAYER_OPS_SOURCE)],
-             extra_cflags=CFLAGS,
+        load(name=f"brim_cpu_decode_attention_{_cpu_tag()}",
+             sources=[str(path) for path in SOURCES], extra_cflags=CFLAGS,
              extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
         op = torch.ops.brim_cpu.decode_attention
     except Exception as exc:  # no compiler, a broken toolchain: SDPA still works
@@ -81,3 +83,9 @@ def layer_ops():
     """torch.ops.brim_cpu, where the fused layer ops live (cpu_layer_ops.cpp: add_rms_norm_,
     rms_norm, silu_mul, rope_), or None where the library is not built."""
     return None if decode_attention_op() is None else torch.ops.brim_cpu
+
+
+def sample_op():
+    """torch.ops.brim_cpu.sample_rows (cpu_sampling.cpp: one draw per row from softmax of
+    float32 logits, given a uniform per row), or None where the library is not built."""
+    return None if decode_attention_op() is None else torch.ops.brim_cpu.sample_rows

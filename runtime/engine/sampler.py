@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +53,26 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
         probs = logits.softmax(dim=-1)
         threshold = probs.max(dim=-1, keepdim=True).values * min_p[:, None]
         logits.masked_fill_(probs < threshold, float("-inf"))
+    return logits
+
+
+def _scaled(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p (filter_logits), on logits in place. Each
+    is skipped when no row asks for it: guidellm and the OpenAI clients' defaults (a
+    temperature of 1, no filter) then cost nothing here."""
+    # Admission bounds every value; these two are clamped to what the tensors can hold:
+    # a top_k above the vocabulary keeps it all, a temperature above float32's range
+    # (1e300 would be inf, and -inf / inf is NaN) flattens the distribution as inf would.
+    temperatures = [min(r.params.temperature or 1.0, _FLOAT32_MAX) for r in requests]
+    if any(t != 1.0 for t in temperatures):
+        logits.div_(torch.tensor(temperatures, device=logits.device)[:, None])
+    if any(r.params.top_k > 0 or r.params.top_p < 1 or r.params.min_p > 0 for r in requests):
+        vocab = logits.shape[-1]
+        top_k = torch.tensor([min(r.params.top_k, vocab) for r in requests],
+                             device=logits.device)
+        top_p = torch.tensor([r.params.top_p for r in requests], device=logits.device)
+        min_p = torch.tensor([r.params.min_p for r in requests], device=logits.device)
+        filter_logits(logits, top_k, top_p, min_p)
     return logits
 
 
@@ -147,31 +168,50 @@ class Sampler:
         return tokens, logprobs
 
     def _probs(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        """Each row's sampling distribution: temperature, then top-k, top-p, min-p."""
-        vocab = logits.shape[-1]
-        # Admission bounds every value; these two are clamped to what the tensors can hold:
-        # a top_k above the vocabulary keeps it all, a temperature above float32's range
-        # (1e300 would be inf, and -inf / inf is NaN) flattens the distribution as inf would.
-        temperature = torch.tensor([min(r.params.temperature or 1.0, _FLOAT32_MAX)
-                                    for r in requests], device=logits.device)
-        top_k = torch.tensor([min(r.params.top_k, vocab) for r in requests],
-                             device=logits.device)
-        top_p = torch.tensor([r.params.top_p for r in requests], device=logits.device)
-        min_p = torch.tensor([r.params.min_p for r in requests], device=logits.device)
-        scaled = filter_logits(logits / temperature[:, None], top_k, top_p, min_p)
-        return scaled.softmax(dim=-1)
+        """Each row's sampling distribution: temperature, then top-k, top-p, min-p.
+        Overwrites logits (every caller hands the sampler its own rows)."""
+        return _scaled(logits, requests).softmax(dim=-1)
 
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        probs = self._probs(logits, requests)
-        # One uniform per row, from the request's own generator when seeded, so a seeded
-        # request's tokens do not depend on what else is in the batch. The generators live
-        # on the CPU, so the draws are made there on every device.
+        scaled = _scaled(logits, requests)
+        uniforms = self._uniforms(requests)
+        op = _cpu_sample_op() if scaled.device.type == "cpu" else None
+        if op is not None and scaled.dtype == torch.float32 and scaled.stride(-1) == 1:
+            return op(scaled, uniforms)  # the inverse CDF below in one call (cpu_sampling.cpp)
+        # Unnormalised weights exp(x - max) are all the inverse CDF needs (it scales each
+        # uniform by its row's total), computed in place: softmax's pass to divide by the
+        # sum, and a vocabulary-sized buffer per row, saved.
+        weights = scaled.sub_(scaled.amax(dim=-1, keepdim=True)).exp_()
+        return _inverse_cdf(weights, uniforms.to(weights.device))
+
+    def _uniforms(self, requests: list[Request]) -> torch.Tensor:
+        """One uniform per sampled row (float64, CPU; greedy rows get 0): from the request's
+        own generator when seeded, so a seeded request's tokens do not depend on what else is
+        in the batch; the rest in one draw from the sampler's. The generators live on the
+        CPU, so the draws are made there on every device."""
         uniforms = torch.zeros(len(requests), dtype=torch.float64)
+        shared = []
         for row, request in enumerate(requests):
-            if not request.params.is_greedy:
+            if request.params.is_greedy:
+                continue
+            if request.generator is None:
+                shared.append(row)
+            else:
                 uniforms[row] = float(torch.rand((), dtype=torch.float64,
-                                                 generator=request.generator or self.generator))
-        return _inverse_cdf(probs, uniforms.to(probs.device))
+                                                 generator=request.generator))
+        if shared:
+            uniforms[shared] = torch.rand(len(shared), dtype=torch.float64,
+                                          generator=self.generator)
+        return uniforms
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_sample_op():
+    """kernels/cpu_sampling.cpp's op, or None where the CPU library is not built (or on a
+    machine without a compiler; the torch path below is the same draw)."""
+    from brim.kernels.cpu_decode import sample_op
+
+    return sample_op()
 
 
 def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
@@ -217,7 +257,10 @@ def _inverse_cdf_flat(probs: torch.Tensor, target_fraction: torch.Tensor) -> tor
     """_inverse_cdf with one float64 running sum over each whole row: target_fraction [S, 1]."""
     cdf = probs.double().cumsum(dim=-1)
     target = target_fraction * cdf[:, -1:]
-    return torch.searchsorted(cdf, target, right=True)[:, 0].clamp_(max=probs.shape[-1] - 1)
+    # A u within rounding of 1 can put the target at the total, past every token: it then
+    # takes the last token of positive probability (where the cdf first reaches the total).
+    last = torch.searchsorted(cdf, cdf[:, -1:])
+    return torch.minimum(torch.searchsorted(cdf, target, right=True), last)[:, 0]
 
 
 def _logprob_entry(row_logprobs: torch.Tensor, token: int, k: int) -> tuple:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from brim.runtime.engine import sampler as sampler_module
 from brim.runtime.engine.sampler import (Sampler, _inverse_cdf, _inverse_cdf_flat, apply_min_tokens,
                                          filter_logits)
 
@@ -59,7 +60,18 @@ def test_reference_supports_are_what_the_cases_say():
         assert int((ref > 0).sum()) == size
 
 
-def test_sampled_support_and_frequencies_match_the_filtered_distribution():
+@pytest.fixture(params=["cpu-op", "torch"])
+def draw_path(request, monkeypatch):
+    """Sampler._sample through the C++ op (kernels/cpu_sampling.cpp), and through the torch
+    inverse CDF that devices other than the CPU use."""
+    if request.param == "torch":
+        monkeypatch.setattr(sampler_module, "_cpu_sample_op", lambda: None)
+    else:
+        assert sampler_module._cpu_sample_op() is not None, "the C++ kernels did not build"
+    return request.param
+
+
+def test_sampled_support_and_frequencies_match_the_filtered_distribution(draw_path):
     # Every case shuffles the probabilities differently, and the cases are interleaved
     # row by row in one batch, so a row reading another row's parameters or a scatter
     # back to the wrong vocabulary position shows up.
@@ -109,7 +121,7 @@ def test_top_p_always_keeps_the_most_likely_token():
     assert torch.isinf(out).tolist() == [[False, True, True]]
 
 
-def test_greedy_rows_take_the_argmax_in_a_mixed_batch():
+def test_greedy_rows_take_the_argmax_in_a_mixed_batch(draw_path):
     torch.manual_seed(0)
     logits = torch.randn(6, 50)
     requests = [
@@ -142,7 +154,7 @@ def _seeded_tokens(seed, position, others, sampler_seed, num_steps=8):
     return tokens
 
 
-def test_same_seed_same_tokens_whatever_else_is_in_the_batch():
+def test_same_seed_same_tokens_whatever_else_is_in_the_batch(draw_path):
     alone = _seeded_tokens(7, 0, 0, sampler_seed=0)
     assert len(set(alone)) > 1  # it really samples
     assert _seeded_tokens(7, 0, 3, sampler_seed=0) == alone
@@ -258,6 +270,12 @@ def test_inverse_cdf_maps_each_uniform_to_the_token_whose_mass_it_lands_in():
     tiny[0, -1] = 1e-12  # ~1e-12 of the mass, after 100k tokens: float32 sums lose it
     u = 1 - 0.5e-12 / float(tiny.double().sum())
     assert _inverse_cdf_flat(tiny, torch.tensor([[u]], dtype=torch.float64)).item() == 100_000
+    # the largest float64 below 1 can put the target at the total: the last possible token
+    # is drawn, not the zero-probability tail after it
+    top = torch.tensor([1 - 2.0**-53] * 2, dtype=torch.float64)
+    assert _inverse_cdf(probs, top).tolist() == [3, 3]
+    tail = torch.tensor([[0.25, 0.5, 0.25, 0.0, 0.0]])
+    assert _inverse_cdf_flat(tail, top[:1, None]).item() == 2
 
 
 def test_inverse_cdf_in_blocks_picks_what_the_flat_sum_picks():
