@@ -1,8 +1,11 @@
 """Paged attention on CPU, with the per-step bookkeeping done once per step, not per layer.
 
 Decodes go through the C++ kernel (cpu_decode.py) when it is built: one call per layer for all
-decoding sequences, reading K and V where they lie in the paged cache. What follows is the
-path without it (and the prefills' path either way).
+decoding sequences, reading K and V where they lie in the paged cache. Prefill chunks (and
+speculative verification, any sequence with several queries) likewise go through
+cpu_prefill_attention.cpp, one call per layer for all of them, where it has a path for the
+inputs (AVX-512, head size 64 or 128, the cache in q's dtype). What follows is the path
+without them.
 
 The computation is the torch reference's (`reference.py`: decodes batched by similar context
 length over a padded gather, SDPA; prefills one sequence at a time), and the results are
@@ -25,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from brim.kernels.cpu_decode import decode_attention_op, store_kv_op
+from brim.kernels.cpu_decode import decode_attention_op, prefill_attention_op, store_kv_op
 from brim.kernels.reference import _similar_lengths, is_fp8_cache, quantize_kv
 
 
@@ -71,14 +74,28 @@ class Prefill:
 
 
 @dataclass(slots=True)
+class PrefillBatch:
+    """Every prefill chunk of the step, for the in-place C++ kernel
+    (cpu_prefill_attention.cpp): tables [P, max_blocks] int32; q_starts, q_lens, seq_lens
+    [P] int64 (the chunk's first row of q, its length, the context length with it)."""
+
+    tables: torch.Tensor
+    q_starts: torch.Tensor
+    q_lens: torch.Tensor
+    seq_lens: torch.Tensor
+
+
+@dataclass(slots=True)
 class CpuAttentionPlan:
     """Where each of a step's sequences reads its context, for every layer of the step."""
 
     block_size: int
     decode_groups: list[DecodeGroup]
     prefills: list[Prefill]
-    # Set when the C++ kernel reads the cache in place: all decodes, and no decode_groups.
+    # Set when the C++ kernels read the cache in place: all decodes, and no decode_groups;
+    # all prefills (`prefills` stays, for what the kernel has no path for: it says so).
     decodes: DecodeBatch | None = None
+    prefill_batch: PrefillBatch | None = None
 
     @classmethod
     def build(cls, block_tables: torch.Tensor, query_start_loc: torch.Tensor,
@@ -104,7 +121,15 @@ class CpuAttentionPlan:
             batch = DecodeBatch(rows=query_start_loc[:-1].long()[idx],
                                 tables=block_tables[idx].to(torch.int32).contiguous(),
                                 lengths=seq_lens[idx].long())
-            return cls(block_size, [], prefills, batch)
+            prefill_batch = None
+            if prefills:
+                rows = [i for i, n in enumerate(query_lens) if n > 1]
+                prefill_batch = PrefillBatch(
+                    tables=block_tables[rows].to(torch.int32).contiguous(),
+                    q_starts=torch.tensor([starts[i] for i in rows], dtype=torch.long),
+                    q_lens=torch.tensor([query_lens[i] for i in rows], dtype=torch.long),
+                    seq_lens=torch.tensor([lens[i] for i in rows], dtype=torch.long))
+            return cls(block_size, [], prefills, batch, prefill_batch)
         decode.sort(key=lambda i: lens[i])
         groups = []
         for group in _similar_lengths(decode, lens):
@@ -218,7 +243,15 @@ def paged_attention_cpu(
                 k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale)
             o = o.reshape(rows, -1, head_dim)
         out[group.tokens] = o.to(q.dtype)
-    for p in plan.prefills:
+    prefills = plan.prefills
+    if plan.prefill_batch is not None and not isinstance(k_cache, _Fp8View):
+        b = plan.prefill_batch
+        if q.stride(2) != 1 or q.stride(1) != head_dim:
+            q = q.contiguous()
+        if prefill_attention_op()(q, k_cache, v_cache, b.tables, b.q_starts, b.q_lens,
+                                  b.seq_lens, scale, sliding_window or 0, out):
+            prefills = []  # done in place; else (no path for these inputs) SDPA below
+    for p in prefills:
         q_len = p.end - p.start
         num_blocks = len(p.block_ids)
         k = _gather(k_cache, p.block_ids, 1, num_blocks)[0, :p.seq_len].transpose(0, 1)

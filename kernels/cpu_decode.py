@@ -29,7 +29,8 @@ SOURCE = Path(__file__).with_name("cpu_decode_attention.cpp")
 # The same library: a decoder layer's pointwise parts as single ops (cpu_layer_ops.cpp).
 LAYER_OPS_SOURCE = Path(__file__).with_name("cpu_layer_ops.cpp")
 SAMPLING_SOURCE = Path(__file__).with_name("cpu_sampling.cpp")
-SOURCES = [SOURCE, LAYER_OPS_SOURCE, SAMPLING_SOURCE]  # one library: torch.ops.brim_cpu
+PREFILL_SOURCE = Path(__file__).with_name("cpu_prefill_attention.cpp")
+SOURCES = [SOURCE, LAYER_OPS_SOURCE, SAMPLING_SOURCE, PREFILL_SOURCE]  # one library: brim_cpu
 # -ffast-math: exp over a block's scores vectorizes (glibc's libmvec); the kernel keeps its
 # values finite for it (kNoScore). -march=native: built on, and for, the machine it runs on.
 CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
@@ -89,3 +90,10 @@ def sample_op():
     """torch.ops.brim_cpu.sample_rows (cpu_sampling.cpp: one draw per row from softmax of
     float32 logits, given a uniform per row), or None where the library is not built."""
     return None if decode_attention_op() is None else torch.ops.brim_cpu.sample_rows
+
+
+def prefill_attention_op():
+    """torch.ops.brim_cpu.prefill_attention (cpu_prefill_attention.cpp: causal attention for
+    prefill chunks, reading the paged cache in place; it returns False where it has no path
+    for the inputs), or None where the library is not built."""
+    return None if decode_attention_op() is None else torch.ops.brim_cpu.prefill_attention

@@ -276,6 +276,63 @@ def test_the_cpp_decode_kernel_equals_the_reference_on_other_shapes(num_kv_heads
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("num_kv_heads, group, head_dim, block_size, dtype, window", [
+    (3, 3, 64, 16, torch.float32, None),  # SmolLM2's shape
+    (3, 3, 64, 16, torch.bfloat16, None),
+    (2, 4, 128, 8, torch.float32, 5),  # a window shorter than a block
+    (1, 8, 128, 32, torch.float16, 40),  # a group of 8: two tasks of 4 heads
+    (2, 5, 64, 16, torch.bfloat16, None),  # a group of 5: tasks of 4 and 1
+    (4, 1, 64, 16, torch.float32, 1000),  # no GQA, a window longer than any sequence
+    (2, 7, 64, 16, torch.float32, 17),  # 4 + 3
+])
+def test_the_cpp_prefill_kernel_equals_the_reference(num_kv_heads, group, head_dim, block_size,
+                                                     dtype, window):
+    """Prefill chunks through cpu_prefill_attention.cpp: whole prompts, chunks after a cached
+    prefix (queries start mid-sequence), chunks of 1-2 and of 16k+-1 queries (partial
+    16-position blocks), beside decodes; stale finite garbage in unowned slots."""
+    from brim.kernels.cpu_attention import CpuAttentionPlan, paged_attention_cpu
+    from brim.kernels.cpu_decode import prefill_attention_op
+
+    torch.manual_seed(head_dim * group + block_size)
+    seqs = [(300, 300), (90, 1), (130, 33), (17, 16), (2, 2), (200, 1), (65, 47), (5, 2)]
+    q, k_cache, v_cache, block_tables, query_start_loc, seq_lens = make_batch(
+        seqs, num_kv_heads=num_kv_heads, group=group, head_dim=head_dim,
+        block_size=block_size, dtype=dtype, contiguous_q=True)
+    for cache in (k_cache, v_cache):
+        stale = cache.isnan()
+        cache[stale] = (torch.randn(int(stale.sum())) * 50).to(dtype)
+    scale = 1 / math.sqrt(head_dim)
+    want = paged_attention_ref(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens,
+                               scale, sliding_window=window)
+    plan = CpuAttentionPlan.build(block_tables, query_start_loc, seq_lens, block_size,
+                                  in_place=True)
+    b = plan.prefill_batch
+    assert b is not None and b.q_lens.tolist() == [n for _, n in seqs if n > 1]
+    direct = torch.full_like(q, NAN)
+    assert prefill_attention_op()(q, k_cache, v_cache, b.tables, b.q_starts, b.q_lens,
+                                  b.seq_lens, scale, window or 0, direct), "no kernel path"
+    got = paged_attention_cpu(q, k_cache, v_cache, plan, scale, sliding_window=window)
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    rows = torch.cat([torch.arange(s, s + n) for s, n in zip(b.q_starts.tolist(),
+                                                             b.q_lens.tolist())])
+    assert torch.equal(direct[rows], got[rows])  # the plan's path is the kernel's
+
+
+def test_the_cpp_prefill_kernel_declines_what_it_has_no_path_for():
+    """A head size without a vectorized path: it writes nothing and says so (the plan then
+    takes SDPA, which test_cpu_plan_equals_the_reference checks at head size 32)."""
+    from brim.kernels.cpu_decode import prefill_attention_op
+
+    q, k_cache, v_cache, block_tables, query_start_loc, seq_lens = make_batch(
+        [(20, 20)], num_kv_heads=2, group=2, head_dim=80, block_size=16, dtype=torch.float32,
+        contiguous_q=True)
+    out = torch.full_like(q, NAN)
+    assert not prefill_attention_op()(q, k_cache, v_cache, block_tables, torch.tensor([0]),
+                                      torch.tensor([20]), seq_lens.long(), 0.1, 0, out)
+    assert out.isnan().all()
+
+
 def test_the_cpu_store_keeps_the_cache_finite():
     from brim.kernels.cpu_attention import store_kv_cpu
 
