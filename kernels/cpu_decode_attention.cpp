@@ -179,11 +179,13 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache,
 #if defined(__AVX512F__)
 // The same computation with AVX-512 vectors and a head size fixed at compile time (kHeadDim
 // a multiple of 16), for caches in q's dtype. What differs from the generic loops above is
-// where the work sits: one query head at a time against the block's rows of its KV head
-// (a block's K and V, a few KB, stay in L1 while the head's group re-reads them), with q and
-// the head's output accumulator in registers for the whole block. The generic loops kept all
-// heads' accumulators in memory and loaded and stored them for every token: about twice the
-// time per token on SmolLM2's shapes, below the memory's speed.
+// where the work sits: the query heads that share a KV head (up to 4 at a time) go through
+// the block's rows of that KV head together, so each K and V row is loaded (and, from
+// 16-bit, widened) once for all of them, with their q and output accumulators in registers
+// for the whole block. The generic loops kept all heads' accumulators in memory and loaded
+// and stored them for every token: about twice the time per token on SmolLM2's shapes. One
+// head at a time (each re-reading the rows) cost a 16-bit cache a widening per head: a
+// bfloat16 decode layer took 0.31 ms against float32's 0.37 on half the bytes.
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const c10::BFloat16* p) {
   const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
@@ -191,6 +193,71 @@ inline __m512 load16(const c10::BFloat16* p) {
 }
 inline __m512 load16(const c10::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// One block's tokens [t0, t1) for kHeads query heads that share the KV head whose rows
+// start at k_rows / v_rows: scores, the online softmax's update, and the accumulators
+// (acc: kHeads consecutive rows of kHeadDim; run_max, run_sum: kHeads entries).
+template <typename scalar_t, int64_t kHeadDim, int kHeads>
+inline void decode_block_heads(const scalar_t* q, float scale, const scalar_t* k_rows,
+                               const scalar_t* v_rows, int64_t slot_stride, int64_t t0,
+                               int64_t t1, float* scores, float* run_max, float* run_sum,
+                               float* acc) {
+  constexpr int kVecs = kHeadDim / 16;
+  const int64_t stride = t1;  // scores[h * stride + t]
+  __m512 qv[kHeads][kVecs];
+  for (int h = 0; h < kHeads; ++h) {
+    for (int j = 0; j < kVecs; ++j) {
+      qv[h][j] = _mm512_mul_ps(load16(q + h * kHeadDim + 16 * j), _mm512_set1_ps(scale));
+    }
+  }
+  float block_max[kHeads];
+  for (int h = 0; h < kHeads; ++h) block_max[h] = kNoScore;
+  for (int64_t t = t0; t < t1; ++t) {
+    const scalar_t* k_row = k_rows + t * slot_stride;
+    __m512 kv[kVecs];
+    for (int j = 0; j < kVecs; ++j) kv[j] = load16(k_row + 16 * j);
+    for (int h = 0; h < kHeads; ++h) {
+      __m512 dot = _mm512_mul_ps(qv[h][0], kv[0]);
+      for (int j = 1; j < kVecs; ++j) dot = _mm512_fmadd_ps(qv[h][j], kv[j], dot);
+      const float score = _mm512_reduce_add_ps(dot);
+      scores[h * stride + t] = score;
+      block_max[h] = std::max(block_max[h], score);
+    }
+  }
+  __m512 correction[kHeads];
+  for (int h = 0; h < kHeads; ++h) {
+    const float new_max = std::max(run_max[h], block_max[h]);
+    const float c = std::exp(run_max[h] - new_max);  // 0 on the first block
+    run_max[h] = new_max;
+    float sum = 0.0f;
+    float* sh = scores + h * stride;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t t = t0; t < t1; ++t) {
+      sh[t] = std::exp(sh[t] - new_max);
+      sum += sh[t];
+    }
+    run_sum[h] = run_sum[h] * c + sum;
+    correction[h] = _mm512_set1_ps(c);
+  }
+  __m512 av[kHeads][kVecs];
+  for (int h = 0; h < kHeads; ++h) {
+    for (int j = 0; j < kVecs; ++j) {
+      av[h][j] = _mm512_mul_ps(_mm512_loadu_ps(acc + h * kHeadDim + 16 * j), correction[h]);
+    }
+  }
+  for (int64_t t = t0; t < t1; ++t) {
+    const scalar_t* v_row = v_rows + t * slot_stride;
+    __m512 vv[kVecs];
+    for (int j = 0; j < kVecs; ++j) vv[j] = load16(v_row + 16 * j);
+    for (int h = 0; h < kHeads; ++h) {
+      const __m512 p = _mm512_set1_ps(scores[h * stride + t]);
+      for (int j = 0; j < kVecs; ++j) av[h][j] = _mm512_fmadd_ps(p, vv[j], av[h][j]);
+    }
+  }
+  for (int h = 0; h < kHeads; ++h) {
+    for (int j = 0; j < kVecs; ++j) _mm512_storeu_ps(acc + h * kHeadDim + 16 * j, av[h][j]);
+  }
 }
 
 template <typename scalar_t, int64_t kHeadDim>
@@ -227,7 +294,7 @@ void decode_attention_avx512(const at::Tensor& q, const at::Tensor& k_cache,
   const int num_threads = static_cast<int>(std::min<int64_t>(max_threads, num_tasks));
 #pragma omp parallel num_threads(num_threads)
   {
-    std::vector<float> acc(num_heads * kHeadDim), scores(block_size);
+    std::vector<float> acc(num_heads * kHeadDim), scores(4 * block_size);
     std::vector<float> run_max(num_heads), run_sum(num_heads);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < num_tasks; ++task) {
@@ -253,52 +320,24 @@ void decode_attention_avx512(const at::Tensor& q, const at::Tensor& k_cache,
         }
         const int64_t t0 = std::max<int64_t>(first - b * block_size, 0);
         const int64_t t1 = std::min<int64_t>(len - b * block_size, block_size);
-        for (int64_t hd = h0; hd < h1; ++hd) {
-          const int64_t kv_offset = block * block_stride + (hd / group) * kHeadDim;
-          const scalar_t* k_rows = k_ptr + kv_offset;
-          const scalar_t* v_rows = v_ptr + kv_offset;
-          __m512 qv[kVecs];
-          for (int j = 0; j < kVecs; ++j) {
-            qv[j] = _mm512_mul_ps(load16(q_row + hd * kHeadDim + 16 * j),
-                                  _mm512_set1_ps(fscale));
+        // The task's heads, a KV head's share (up to 4) at a time.
+        for (int64_t hd = h0; hd < h1;) {
+          const int64_t kv_head = hd / group;
+          const int64_t count = std::min<int64_t>({h1, (kv_head + 1) * group, hd + 4}) - hd;
+          const int64_t kv_offset = block * block_stride + kv_head * kHeadDim;
+#define BRIM_DECODE_HEADS(N)                                                                  \
+  decode_block_heads<scalar_t, kHeadDim, N>(q_row + hd * kHeadDim, fscale, k_ptr + kv_offset,  \
+                                            v_ptr + kv_offset, slot_stride, t0, t1,            \
+                                            scores.data(), run_max.data() + hd,                \
+                                            run_sum.data() + hd, acc.data() + hd * kHeadDim)
+          switch (count) {
+            case 1: BRIM_DECODE_HEADS(1); break;
+            case 2: BRIM_DECODE_HEADS(2); break;
+            case 3: BRIM_DECODE_HEADS(3); break;
+            default: BRIM_DECODE_HEADS(4); break;
           }
-          float block_max = kNoScore;
-          for (int64_t t = t0; t < t1; ++t) {
-            const scalar_t* k_row = k_rows + t * slot_stride;
-            __m512 dot = _mm512_mul_ps(qv[0], load16(k_row));
-            for (int j = 1; j < kVecs; ++j) {
-              dot = _mm512_fmadd_ps(qv[j], load16(k_row + 16 * j), dot);
-            }
-            const float score = _mm512_reduce_add_ps(dot);
-            scores[t] = score;
-            block_max = std::max(block_max, score);
-          }
-          const float new_max = std::max(run_max[hd], block_max);
-          const float correction = std::exp(run_max[hd] - new_max);  // 0 on the first block
-          run_max[hd] = new_max;
-          float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t t = t0; t < t1; ++t) {
-            scores[t] = std::exp(scores[t] - new_max);
-            sum += scores[t];
-          }
-          run_sum[hd] = run_sum[hd] * correction + sum;
-          float* a = acc.data() + hd * kHeadDim;
-          __m512 av[kVecs];
-          const __m512 c = _mm512_set1_ps(correction);
-          for (int j = 0; j < kVecs; ++j) {
-            av[j] = _mm512_mul_ps(_mm512_loadu_ps(a + 16 * j), c);
-          }
-          for (int64_t t = t0; t < t1; ++t) {
-            const scalar_t* v_row = v_rows + t * slot_stride;
-            const __m512 p = _mm512_set1_ps(scores[t]);
-            for (int j = 0; j < kVecs; ++j) {
-              av[j] = _mm512_fmadd_ps(p, load16(v_row + 16 * j), av[j]);
-            }
-          }
-          for (int j = 0; j < kVecs; ++j) {
-            _mm512_storeu_ps(a + 16 * j, av[j]);
-          }
+#undef BRIM_DECODE_HEADS
+          hd += count;
         }
       }
       scalar_t* o_row = out_ptr + row_ptr[seq] * out_stride;
