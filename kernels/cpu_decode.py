@@ -51,6 +51,7 @@ def decode_attention_op():
              sources=[str(path) for path in SOURCES], extra_cflags=CFLAGS,
              extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
         op = torch.ops.brim_cpu.decode_attention
+        _register_fakes()
     except Exception as exc:  # no compiler, a broken toolchain: SDPA still works
         logger.warning("the C++ decode-attention kernel could not be built, decode attention "
                        "runs through SDPA over gathered copies (slower): %s",
@@ -97,3 +98,18 @@ def prefill_attention_op():
     prefill chunks, reading the paged cache in place; it returns False where it has no path
     for the inputs), or None where the library is not built."""
     return None if decode_attention_op() is None else torch.ops.brim_cpu.prefill_attention
+
+
+def _register_fakes() -> None:
+    """Shapes for the ops that run inside compiled regions (torch.compile traces them)."""
+    def packed_linear(x, packed_weight, bias):
+        # The packed weight's shape is the plain one, [out_features, in_features].
+        return x.new_empty(*x.shape[:-1], packed_weight.shape[0])
+
+    torch.library.register_fake("brim_cpu::packed_linear")(packed_linear)
+
+
+def packed_linear_op():
+    """torch.ops.brim_cpu.packed_linear (cpu_layer_ops.cpp: oneDNN's packed-weight matmul
+    as a C++ op, for compiled regions), or None where the library is not built."""
+    return None if decode_attention_op() is None else torch.ops.brim_cpu.packed_linear

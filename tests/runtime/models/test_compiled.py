@@ -82,8 +82,9 @@ def test_compiled_layers_call_the_packed_onednn_matmuls(tmp_path):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         runner.forward(step)
     names = [e.name for e in prof.events()]
-    # 3 layers x (q/k/v, o, gate/up, down) inside the compiled regions; the LM head eager.
-    assert names.count("brim::packed_linear") == 3 * 4
+    # 3 layers x (q/k/v, o, gate/up, down) inside the compiled regions, through the C++ op
+    # (kernels/cpu_layer_ops.cpp); the LM head eager.
+    assert names.count("brim_cpu::packed_linear") == 3 * 4
     assert names.count("mkldnn::_linear_pointwise") == 3 * 4 + 1
 
 
@@ -128,3 +129,40 @@ def test_inductor_probes_do_not_import_brims_operator_package(monkeypatch):
     assert not child_imports(os.pathsep.join(sys.path))  # what inductor would pass
     compiled._keep_inductor_probes_importable()
     assert child_imports(os.environ["TORCH_CUSTOM_PYTHONPATH"])
+
+
+def test_without_the_cpp_library_the_torch_paths_give_the_same_tokens(tmp_path):
+    """BRIM_CPU_DECODE_KERNEL=0 (or no compiler): attention through SDPA, the compiled
+    regions' matmuls through the Python custom op, sampling through torch's inverse CDF.
+    Greedy and seeded tokens equal the C++ paths' (a fresh process: the switch is read once)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from brim.runtime import SamplingParams
+
+    path, _ = _tiny_checkpoint(tmp_path, "llama")
+    prompts = [list(range(3, 40)), [5, 6, 7]]
+    script = f"""
+import json
+from brim.runtime import LLM, SamplingParams
+from brim.kernels.cpu_decode import decode_attention_op
+assert decode_attention_op() is None
+llm = LLM({str(path)!r}, dtype="float32", device="cpu", block_size={BLOCK_SIZE})
+greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+seeded = SamplingParams(temperature=1.0, seed=7, max_tokens=12, ignore_eos=True)
+outs = llm.generate({prompts!r}, greedy, use_tqdm=False) + llm.generate({prompts!r}, seeded, use_tqdm=False)
+print(json.dumps([list(o.outputs[0].token_ids) for o in outs]))
+"""
+    env = {**os.environ, "BRIM_CPU_DECODE_KERNEL": "0"}
+    done = subprocess.run([sys.executable, "-P", "-c", script], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    torch_paths = json.loads(done.stdout.strip().splitlines()[-1])
+    llm = LLM(str(path), dtype="float32", device="cpu", block_size=BLOCK_SIZE)
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    seeded = SamplingParams(temperature=1.0, seed=7, max_tokens=12, ignore_eos=True)
+    outs = (llm.generate(prompts, greedy, use_tqdm=False)
+            + llm.generate(prompts, seeded, use_tqdm=False))
+    assert [list(o.outputs[0].token_ids) for o in outs] == torch_paths
