@@ -16,9 +16,10 @@ everyone else's (the machine's busy time minus both): a phase whose outside load
 The serving-path overhead: brim's offline engine runs the same shape (one request, a
 --prompt-tokens prompt, --output-tokens tokens, sampled at temperature 1 as the server samples
 guidellm's requests, which name no temperature) in its own process, in every round just
-before brim's server; its time per output token against that round's inter-token latency p50
-at concurrency 1 is what the HTTP path adds. The two are paired by round because this
-machine's speed drifts by 10-20% within an hour.
+before and just after brim's server; the mean of the two times per output token against that
+round's inter-token latency p50 at concurrency 1 is what the HTTP path adds (and the load
+client's own CPU use, which this 2-core machine shares). The two are paired by round because
+this machine's speed drifts by 10-20% within an hour.
 
     .venv/bin/python bench/serving.py [--rounds 2] [--concurrency 1 8 32 128] [--engines brim vllm]
 
@@ -294,7 +295,7 @@ def summarize(results: list[dict], concurrency: list[int]) -> dict:
 
 def run_offline(args, model_dir: Path, workdir: Path) -> dict:
     spec = {"engine": "brim-offline", "model": str(model_dir), "dtype": args.dtype,
-            "max_num_seqs": args.max_num_seqs, "threads": args.threads, "repeats": 3,
+            "max_num_seqs": args.max_num_seqs, "threads": args.threads, "repeats": 5,
             "prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens,
             "vocab_size": args.vocab_size}
     offline = common.spawn_worker(sys.executable, Path(__file__).resolve(), spec, workdir)
@@ -305,7 +306,7 @@ def run_offline(args, model_dir: Path, workdir: Path) -> dict:
 
 def serving_overhead(results: list[dict], offline: dict, concurrency: list[int]) -> dict | None:
     """Per round: brim's ITL p50 at concurrency 1 against the offline per-token p50 measured
-    just before it; and the median over the rounds that have both."""
+    around it (the mean of before and after); and the median over the rounds that have both."""
     if 1 not in concurrency:
         return None
     rounds = []
@@ -360,14 +361,18 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="brim-serving-"))
     print(f"work folder (server logs, guidellm reports): {workdir}", flush=True)
 
-    offline = {}  # round -> the offline reference measured just before brim's server
+    offline = {}  # round -> the offline reference measured just before and after brim's server
     results = []
     for round_ in range(args.rounds):
         for engine in args.engines:
-            if engine == "brim" and not args.no_offline:
-                offline[round_] = run_offline(args, model_dir, workdir)
+            before = (run_offline(args, model_dir, workdir)
+                      if engine == "brim" and not args.no_offline else None)
             results.append(run_server(engine, args, model_dir, exe, workdir, round_,
                                       vllm_python))
+            if before is not None:
+                after = run_offline(args, model_dir, workdir)
+                offline[round_] = {"before": before, "after": after, "per_token_ms_p50":
+                                   (before["per_token_ms_p50"] + after["per_token_ms_p50"]) / 2}
     table = summarize(results, args.concurrency)
     ratios = {}
     for c in args.concurrency:
