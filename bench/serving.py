@@ -16,10 +16,10 @@ everyone else's (the machine's busy time minus both): a phase whose outside load
 The serving-path overhead: brim's offline engine runs the same shape (one request, a
 --prompt-tokens prompt, --output-tokens tokens, sampled at temperature 1 as the server samples
 guidellm's requests, which name no temperature) in its own process, in every round just
-before and just after brim's server; the mean of the two times per output token against that
-round's inter-token latency p50 at concurrency 1 is what the HTTP path adds (and the load
-client's own CPU use, which this 2-core machine shares). The two are paired by round because
-this machine's speed drifts by 10-20% within an hour.
+before and just after brim's concurrency-1 phase (its server up and idle); the mean of the
+two times per output token against that phase's inter-token latency p50 is what the HTTP path
+adds (and the load client's own CPU use, which this 2-core machine shares). They are measured
+back to back because this machine's speed drifts by 10-20% within minutes.
 
     .venv/bin/python bench/serving.py [--rounds 2] [--concurrency 1 8 32 128] [--engines brim vllm]
 
@@ -29,6 +29,7 @@ Prints a table and writes bench/results/serving-<UTC time>.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -185,7 +186,9 @@ def tree_cpu(pid: int) -> float:
 
 
 def run_server(engine: str, args, model_dir: Path, exe: Path, workdir: Path, round_: int,
-               vllm_python: Path | None) -> dict:
+               vllm_python: Path | None, reference=None) -> dict:
+    """One server's phases. reference: called just before and just after the concurrency-1
+    phase (the server up and idle), its results kept as the round's offline reference."""
     port = free_port()
     cmd, env = server_command(engine, args, port, model_dir, vllm_python)
     log_path = workdir / f"{engine}-round{round_}.log"
@@ -194,11 +197,13 @@ def run_server(engine: str, args, model_dir: Path, exe: Path, workdir: Path, rou
         # standard library for vLLM), in a process group of its own so stop() gets them all.
         proc = subprocess.Popen(cmd, cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, **env}, start_new_session=True)
-    phases = []
+    phases, offline = [], {}
     try:
         wait_healthy(port, proc, args.start_timeout)
         warm_up(port, args.vocab_size)
         for concurrency in args.concurrency:
+            if concurrency == 1 and reference is not None:
+                offline["before"] = reference()
             seed = random.SystemRandom().randrange(1, 2**31)
             common.wait_for_quiet(args.max_outside_load, args.wait_for_quiet)
             out_json = workdir / f"{engine}-r{round_}-c{concurrency}.json"
@@ -231,9 +236,15 @@ def run_server(engine: str, args, model_dir: Path, exe: Path, workdir: Path, rou
                   f"{wall:.0f} s, outside {outside / wall:.2f} cores"
                   + (", DISCARDED" if discarded else "") + (f", {errors} errors" if errors else ""),
                   flush=True)
+            if concurrency == 1 and reference is not None:
+                offline["after"] = reference()
     finally:
         stop(proc)
-    return {"engine": engine, "round": round_, "log": str(log_path), "phases": phases}
+    result = {"engine": engine, "round": round_, "log": str(log_path), "phases": phases}
+    if len(offline) == 2:
+        result["offline"] = {**offline, "per_token_ms_p50": (
+            offline["before"]["per_token_ms_p50"] + offline["after"]["per_token_ms_p50"]) / 2}
+    return result
 
 
 # -- the offline reference ----------------------------------------------------------------
@@ -361,18 +372,15 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="brim-serving-"))
     print(f"work folder (server logs, guidellm reports): {workdir}", flush=True)
 
-    offline = {}  # round -> the offline reference measured just before and after brim's server
     results = []
     for round_ in range(args.rounds):
         for engine in args.engines:
-            before = (run_offline(args, model_dir, workdir)
-                      if engine == "brim" and not args.no_offline else None)
+            reference = (functools.partial(run_offline, args, model_dir, workdir)
+                         if engine == "brim" and not args.no_offline else None)
             results.append(run_server(engine, args, model_dir, exe, workdir, round_,
-                                      vllm_python))
-            if before is not None:
-                after = run_offline(args, model_dir, workdir)
-                offline[round_] = {"before": before, "after": after, "per_token_ms_p50":
-                                   (before["per_token_ms_p50"] + after["per_token_ms_p50"]) / 2}
+                                      vllm_python, reference))
+    # round -> the offline reference measured around brim's concurrency-1 phase
+    offline = {r["round"]: r["offline"] for r in results if "offline" in r}
     table = summarize(results, args.concurrency)
     ratios = {}
     for c in args.concurrency:
