@@ -259,7 +259,7 @@ def _inverse_cdf_flat(probs: torch.Tensor, target_fraction: torch.Tensor) -> tor
     target = target_fraction * cdf[:, -1:]
     # A u within rounding of 1 can put the target at the total, past every token: it then
     # takes the last token of positive probability (where the cdf first reaches the total).
-    last = torch.searchsorted(cdf, cdf[:, -1:])
+    last = torch.searchsorted(cdf, cdf[:, -1:].contiguous())
     return torch.minimum(torch.searchsorted(cdf, target, right=True), last)[:, 0]
 
 
