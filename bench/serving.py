@@ -13,13 +13,18 @@ Around each phase the bench records CPU seconds: the server's process tree, guid
 everyone else's (the machine's busy time minus both): a phase whose outside load exceeds
 --max-outside-load cores is marked discarded and left out of the ratios.
 
-The serving-path overhead: brim's offline engine runs the same shape (one request, a
---prompt-tokens prompt, --output-tokens tokens, sampled at temperature 1 as the server samples
-guidellm's requests, which name no temperature) in its own process, in every round just
-before and just after brim's concurrency-1 phase (its server up and idle); the mean of the
-two times per output token against that phase's inter-token latency p50 is what the HTTP path
-adds (and the load client's own CPU use, which this 2-core machine shares). They are measured
-back to back because this machine's speed drifts by 10-20% within minutes.
+The serving-path overhead: brim's offline engine runs the same shape (a --prompt-tokens
+prompt, --output-tokens tokens, sampled at temperature 1 as the server samples guidellm's
+requests, which name no temperature) in a process of its own that stays loaded for the round.
+It runs a block of --offline-requests requests right before brim's concurrency-1 phase and
+right after it; then come --overhead-phases shorter concurrency-1 phases, each followed by
+another block, so every served phase has an offline block on each side (the server up and
+idle while a block runs). Both sides use guidellm's definition of inter-token latency: per
+request, (last token - first token) / (tokens - 1), and the median over requests. Each served
+phase's ITL p50 against the mean of its two neighbours is one pair; the median over all pairs
+is the serving overhead: what the HTTP path adds, and the load client's own CPU use, which
+this 2-core machine shares. The pairs are short and interleaved because this machine's speed
+drifts by 10-20% within minutes.
 
     .venv/bin/python bench/serving.py [--rounds 2] [--concurrency 1 8 32 128] [--engines brim vllm]
 
@@ -76,21 +81,21 @@ def ensure_guidellm(venv: Path, log=sys.stderr) -> Path:
 
 
 def guidellm_phase(exe: Path, port: int, model_dir: Path, concurrency: int, seed: int,
-                   args, out_json: Path) -> subprocess.CompletedProcess:
+                   args, out_json: Path, duration: int) -> subprocess.CompletedProcess:
     cmd = [str(exe), "run",
            "--backend", f"kind=openai_http,target=http://127.0.0.1:{port},"
                         f"request_format=/v1/completions,model={SERVED_NAME}",
            "--profile", f"kind=concurrent,streams={concurrency}",
            "--data", f"kind=synthetic_text,prompt_tokens={args.prompt_tokens},"
                      f"output_tokens={args.output_tokens}",
-           "--constraint", f"kind=max_duration,seconds={args.duration}",
+           "--constraint", f"kind=max_duration,seconds={duration}",
            "--tokenizer", f"kind=huggingface_auto,model={model_dir}",
            "--seed", f"kind=static,value={seed}",
            "--output", f"kind=json,path={out_json}",
            "--disable-console"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=out_json.parent,
-                          timeout=args.duration * 4 + 300)
+                          timeout=duration * 4 + 300)
 
 
 def read_guidellm(path: Path) -> dict:
@@ -185,100 +190,194 @@ def tree_cpu(pid: int) -> float:
     return sum(table[p][2] for p in common._tree(table, pid) if p in table)
 
 
+def measure_phase(engine: str, proc: subprocess.Popen, port: int, model_dir: Path, exe: Path,
+                  workdir: Path, args, concurrency: int, duration: int, tag: str) -> dict:
+    """One guidellm phase against the running server, with the CPU accounting around it."""
+    seed = random.SystemRandom().randrange(1, 2**31)
+    common.wait_for_quiet(args.max_outside_load, args.wait_for_quiet)
+    out_json = workdir / f"{engine}-{tag}-c{concurrency}.json"
+    server_start = tree_cpu(proc.pid)
+    busy_start, _ = common._system_cpu_seconds()
+    children_start = sum(os.times()[2:4])
+    self_start = sum(os.times()[:2])
+    wall_start = time.perf_counter()
+    done = guidellm_phase(exe, port, model_dir, concurrency, seed, args, out_json, duration)
+    wall = time.perf_counter() - wall_start
+    busy = common._system_cpu_seconds()[0] - busy_start
+    server_cpu = tree_cpu(proc.pid) - server_start
+    tool_cpu = sum(os.times()[2:4]) - children_start
+    own_cpu = sum(os.times()[:2]) - self_start
+    outside = max(busy - server_cpu - tool_cpu - own_cpu, 0.0)
+    if done.returncode != 0 or not out_json.is_file():
+        raise RuntimeError(f"guidellm failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    figures = read_guidellm(out_json)
+    discarded = outside / wall > args.max_outside_load
+    errors = figures["requests"].get("errored") or 0
+    print(f"[{engine} {tag}] c={concurrency}: {figures['output_tok_s']:.1f} out tok/s, "
+          f"TTFT p50 {figures['ttft_ms']['p50']:.0f} ms, ITL p50 "
+          f"{figures['itl_ms']['p50']:.1f} ms, server CPU {server_cpu:.0f} s / "
+          f"{wall:.0f} s, outside {outside / wall:.2f} cores"
+          + (", DISCARDED" if discarded else "") + (f", {errors} errors" if errors else ""),
+          flush=True)
+    return {"concurrency": concurrency, "seed": seed, "duration_s": duration,
+            "wall_s": round(wall, 1), "server_cpu_s": round(server_cpu, 1),
+            "guidellm_cpu_s": round(tool_cpu, 1), "outside_cores": round(outside / wall, 3),
+            "discarded": discarded, **figures}
+
+
 def run_server(engine: str, args, model_dir: Path, exe: Path, workdir: Path, round_: int,
                vllm_python: Path | None, reference=None) -> dict:
-    """One server's phases. reference: called just before and just after the concurrency-1
-    phase (the server up and idle), its results kept as the round's offline reference."""
+    """One server's phases. reference: a callable giving an OfflineReference; with it, the
+    concurrency-1 phase is followed by --overhead-phases shorter ones, and the offline engine
+    runs between them (the server up and idle), so that every served phase has an offline
+    block right before and right after it."""
     port = free_port()
     cmd, env = server_command(engine, args, port, model_dir, vllm_python)
     log_path = workdir / f"{engine}-round{round_}.log"
+    offline = reference() if reference is not None else None
     with open(log_path, "w") as log:
         # Started from the work folder (outside the repository: its operator/ would shadow the
         # standard library for vLLM), in a process group of its own so stop() gets them all.
         proc = subprocess.Popen(cmd, cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, **env}, start_new_session=True)
-    phases, offline = [], {}
+    phases, overhead = [], None
     try:
+        if offline is not None:
+            offline.wait_ready()
         wait_healthy(port, proc, args.start_timeout)
         warm_up(port, args.vocab_size)
         for concurrency in args.concurrency:
-            if concurrency == 1 and reference is not None:
-                offline["before"] = reference()
-            seed = random.SystemRandom().randrange(1, 2**31)
-            common.wait_for_quiet(args.max_outside_load, args.wait_for_quiet)
-            out_json = workdir / f"{engine}-r{round_}-c{concurrency}.json"
-            server_start = tree_cpu(proc.pid)
-            busy_start, _ = common._system_cpu_seconds()
-            children_start = sum(os.times()[2:4])
-            self_start = sum(os.times()[:2])
-            wall_start = time.perf_counter()
-            done = guidellm_phase(exe, port, model_dir, concurrency, seed, args, out_json)
-            wall = time.perf_counter() - wall_start
-            busy = common._system_cpu_seconds()[0] - busy_start
-            server_cpu = tree_cpu(proc.pid) - server_start
-            tool_cpu = sum(os.times()[2:4]) - children_start
-            own_cpu = sum(os.times()[:2]) - self_start
-            outside = max(busy - server_cpu - tool_cpu - own_cpu, 0.0)
-            if done.returncode != 0 or not out_json.is_file():
-                raise RuntimeError(f"guidellm failed (exit {done.returncode}):\n"
-                                   f"{done.stderr[-3000:]}")
-            figures = read_guidellm(out_json)
-            discarded = outside / wall > args.max_outside_load
-            errors = figures["requests"].get("errored") or 0
-            phase = {"concurrency": concurrency, "seed": seed, "wall_s": round(wall, 1),
-                     "server_cpu_s": round(server_cpu, 1), "guidellm_cpu_s": round(tool_cpu, 1),
-                     "outside_cores": round(outside / wall, 3), "discarded": discarded,
-                     **figures}
+            paired = concurrency == 1 and offline is not None
+            if paired:
+                overhead = {"offline": [offline.run()], "served": []}
+            phase = measure_phase(engine, proc, port, model_dir, exe, workdir, args, concurrency,
+                                  args.duration, f"r{round_}")
             phases.append(phase)
-            print(f"[{engine} r{round_}] c={concurrency}: {figures['output_tok_s']:.1f} out tok/s, "
-                  f"TTFT p50 {figures['ttft_ms']['p50']:.0f} ms, ITL p50 "
-                  f"{figures['itl_ms']['p50']:.1f} ms, server CPU {server_cpu:.0f} s / "
-                  f"{wall:.0f} s, outside {outside / wall:.2f} cores"
-                  + (", DISCARDED" if discarded else "") + (f", {errors} errors" if errors else ""),
-                  flush=True)
-            if concurrency == 1 and reference is not None:
-                offline["after"] = reference()
+            if not paired:
+                continue
+            overhead["served"].append(phase)
+            overhead["offline"].append(offline.run())
+            for k in range(args.overhead_phases):
+                overhead["served"].append(measure_phase(
+                    engine, proc, port, model_dir, exe, workdir, args, 1,
+                    args.overhead_duration, f"r{round_}-overhead{k}"))
+                overhead["offline"].append(offline.run())
     finally:
         stop(proc)
+        if offline is not None:
+            offline.close()
     result = {"engine": engine, "round": round_, "log": str(log_path), "phases": phases}
-    if len(offline) == 2:
-        result["offline"] = {**offline, "per_token_ms_p50": (
-            offline["before"]["per_token_ms_p50"] + offline["after"]["per_token_ms_p50"]) / 2}
+    if overhead is not None:
+        result["overhead"] = overhead
     return result
 
 
 # -- the offline reference ----------------------------------------------------------------
 
+def request_itl_ms(stamps: list[float]) -> float:
+    """A request's inter-token latency as guidellm defines it (request_stats.py in 0.8.1):
+    (last token's time - first token's time) / (tokens - 1), one mean per request."""
+    return (stamps[-1] - stamps[0]) * 1000 / (len(stamps) - 1)
+
+
 def offline_worker(spec: dict) -> None:
-    """brim's engine, in process, on the concurrency-1 shape: time per output token."""
+    """brim's engine, in process, on the concurrency-1 shape, one block of requests per line
+    read from stdin ("<n>"; "quit" ends); one JSON line per block on the original stdout:
+    the block's per-request inter-token latencies and the outside load during it."""
     import torch
 
     from brim.runtime.engine.engine import Engine
     from brim.runtime.config import EngineConfig
     from brim.runtime.sampling_params import SamplingParams
 
+    # Whatever else prints to stdout (a library's warning) goes to stderr, the log.
+    results = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
     torch.set_num_threads(spec["threads"])
+    # What `brim serve` builds for the bench's flags.
     engine = Engine(EngineConfig.create(spec["model"], dtype=spec["dtype"],
-                                        max_num_seqs=spec["max_num_seqs"]))
+                                        max_num_seqs=spec["max_num_seqs"],
+                                        enable_prefix_caching=True))
     rng = random.Random(99)
-    ttfts, per_token = [], []
-    for i in range(spec["repeats"] + 1):
+    counter = iter(range(1 << 30))
+
+    def one_request() -> tuple[float, list[float]]:
         prompt = [rng.randrange(100, spec["vocab_size"]) for _ in range(spec["prompt_tokens"])]
         # What the server makes of guidellm's request (no temperature named): the OpenAI
         # default, 1.0, so the sampler's cost is on both sides of the comparison.
-        engine.add_request(str(i), prompt, SamplingParams(max_tokens=spec["output_tokens"],
-                                                          temperature=1.0, ignore_eos=True))
+        engine.add_request(str(next(counter)), prompt, SamplingParams(
+            max_tokens=spec["output_tokens"], temperature=1.0, ignore_eos=True))
         stamps, start = [], time.perf_counter()
         while engine.has_unfinished_requests():
             engine.step()
             stamps.append(time.perf_counter())
-        if i == 0:
-            continue  # warm-up
-        ttfts.append((stamps[0] - start) * 1000)
-        per_token.extend((b - a) * 1000 for a, b in zip(stamps, stamps[1:]))
-    common.write_result(spec, {"ttft_ms_p50": statistics.median(ttfts),
-                               "per_token_ms_p50": statistics.median(per_token),
-                               "per_token_ms_mean": statistics.fmean(per_token)})
+        return start, stamps
+
+    one_request()  # warm-up: compiles, caches, first-request costs
+    results.write(json.dumps({"ready": True}) + "\n")
+    for line in sys.stdin:
+        if line.strip() == "quit":
+            break
+        ttfts, itls, steps = [], [], []
+        with common.CpuWindow() as window:
+            for _ in range(int(line)):
+                start, stamps = one_request()
+                ttfts.append((stamps[0] - start) * 1000)
+                itls.append(request_itl_ms(stamps))
+                steps.extend((b - a) * 1000 for a, b in zip(stamps, stamps[1:]))
+        results.write(json.dumps({
+            "requests": len(itls), "itl_ms_p50": statistics.median(itls), "itl_ms": itls,
+            "ttft_ms_p50": statistics.median(ttfts), "step_ms_p50": statistics.median(steps),
+            "outside_cores": round(window.load.outside_cores, 3),
+            "wall_s": round(window.load.wall_s, 1)}) + "\n")
+
+
+class OfflineReference:
+    """brim's offline engine in a process of its own, kept loaded across a round's blocks."""
+
+    def __init__(self, args, model_dir: Path, workdir: Path) -> None:
+        self.args = args
+        spec = {"engine": "brim-offline", "model": str(model_dir), "dtype": args.dtype,
+                "max_num_seqs": args.max_num_seqs, "threads": args.threads,
+                "prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens,
+                "vocab_size": args.vocab_size}
+        spec_path = workdir / "brim-offline.spec.json"
+        spec_path.write_text(json.dumps(spec))
+        self.log = open(workdir / "brim-offline.log", "a")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-P", str(Path(__file__).resolve()), "--worker", str(spec_path)],
+            cwd=workdir, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
+            text=True, bufsize=1)
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the offline worker exited ({self.proc.poll()}); see "
+                               f"{self.log.name}")
+        return json.loads(line)
+
+    def wait_ready(self) -> None:
+        self._read()
+
+    def run(self) -> dict:
+        common.wait_for_quiet(self.args.max_outside_load, self.args.wait_for_quiet)
+        self.proc.stdin.write(f"{self.args.offline_requests}\n")
+        block = self._read()
+        block["discarded"] = block["outside_cores"] > self.args.max_outside_load
+        print(f"[brim offline] {block['requests']} requests: ITL p50 {block['itl_ms_p50']:.1f} "
+              f"ms (per step {block['step_ms_p50']:.1f}), outside {block['outside_cores']:.2f} "
+              "cores" + (", DISCARDED" if block["discarded"] else ""), flush=True)
+        return block
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.close()
+            self.proc.wait(60)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
 
 
 # -- main -------------------------------------------------------------------------------------
@@ -304,37 +403,30 @@ def summarize(results: list[dict], concurrency: list[int]) -> dict:
     return table
 
 
-def run_offline(args, model_dir: Path, workdir: Path) -> dict:
-    spec = {"engine": "brim-offline", "model": str(model_dir), "dtype": args.dtype,
-            "max_num_seqs": args.max_num_seqs, "threads": args.threads, "repeats": 5,
-            "prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens,
-            "vocab_size": args.vocab_size}
-    offline = common.spawn_worker(sys.executable, Path(__file__).resolve(), spec, workdir)
-    print(f"[brim offline] TTFT p50 {offline['ttft_ms_p50']:.0f} ms, per output token p50 "
-          f"{offline['per_token_ms_p50']:.1f} ms", flush=True)
-    return offline
-
-
-def serving_overhead(results: list[dict], offline: dict, concurrency: list[int]) -> dict | None:
-    """Per round: brim's ITL p50 at concurrency 1 against the offline per-token p50 measured
-    around it (the mean of before and after); and the median over the rounds that have both."""
-    if 1 not in concurrency:
-        return None
-    rounds = []
+def serving_overhead(results: list[dict]) -> dict | None:
+    """Each of brim's concurrency-1 phases against the offline blocks right before and right
+    after it (their mean), both as guidellm measures inter-token latency; the median over
+    every such pair in every round. A pair with a discarded side is left out."""
+    pairs = []
     for result in results:
-        reference = offline.get(result["round"])
-        if result["engine"] != "brim" or reference is None:
+        overhead = result.get("overhead")
+        if result["engine"] != "brim" or not overhead:
             continue
-        for ph in result["phases"]:
-            if ph["concurrency"] == 1 and not ph["discarded"] and ph["itl_ms"]["p50"]:
-                rounds.append({"round": result["round"], "server_itl_p50_ms": ph["itl_ms"]["p50"],
-                               "offline_per_token_p50_ms": reference["per_token_ms_p50"],
-                               "overhead_fraction": ph["itl_ms"]["p50"]
-                               / reference["per_token_ms_p50"] - 1})
-    if not rounds:
+        blocks = overhead["offline"]
+        for i, phase in enumerate(overhead["served"]):
+            before, after = blocks[i], blocks[i + 1] if i + 1 < len(blocks) else None
+            if (after is None or phase["discarded"] or before["discarded"]
+                    or after["discarded"] or not phase["itl_ms"]["p50"]):
+                continue
+            offline_ms = (before["itl_ms_p50"] + after["itl_ms_p50"]) / 2
+            pairs.append({"round": result["round"], "phase": i,
+                          "server_itl_p50_ms": phase["itl_ms"]["p50"],
+                          "offline_itl_p50_ms": offline_ms,
+                          "overhead_fraction": phase["itl_ms"]["p50"] / offline_ms - 1})
+    if not pairs:
         return None
-    return {"rounds": rounds,
-            "overhead_fraction": statistics.median(r["overhead_fraction"] for r in rounds)}
+    return {"pairs": pairs,
+            "overhead_fraction": statistics.median(p["overhead_fraction"] for p in pairs)}
 
 
 def main() -> int:
@@ -358,7 +450,14 @@ def main() -> int:
     parser.add_argument("--vllm-venv", type=Path, default=common.default_vllm_venv())
     parser.add_argument("--guidellm-venv", type=Path, default=default_guidellm_venv())
     parser.add_argument("--no-offline", action="store_true",
-                        help="skip the offline per-token reference")
+                        help="skip the offline reference (and the serving-overhead figure)")
+    parser.add_argument("--overhead-phases", type=int, default=5,
+                        help="short concurrency-1 phases after the main one, each with an "
+                             "offline block after it (the serving-overhead pairs)")
+    parser.add_argument("--overhead-duration", type=int, default=10,
+                        help="seconds per overhead phase")
+    parser.add_argument("--offline-requests", type=int, default=3,
+                        help="requests per offline block")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -375,12 +474,11 @@ def main() -> int:
     results = []
     for round_ in range(args.rounds):
         for engine in args.engines:
-            reference = (functools.partial(run_offline, args, model_dir, workdir)
-                         if engine == "brim" and not args.no_offline else None)
+            reference = (functools.partial(OfflineReference, args, model_dir, workdir)
+                         if engine == "brim" and not args.no_offline and 1 in args.concurrency
+                         else None)
             results.append(run_server(engine, args, model_dir, exe, workdir, round_,
                                       vllm_python, reference))
-    # round -> the offline reference measured around brim's concurrency-1 phase
-    offline = {r["round"]: r["offline"] for r in results if "offline" in r}
     table = summarize(results, args.concurrency)
     ratios = {}
     for c in args.concurrency:
@@ -391,7 +489,7 @@ def main() -> int:
             ratios[c] = {"output_tok_s": b["output_tok_s"] / v["output_tok_s"],
                          "itl_p50": b["itl_p50_ms"] / v["itl_p50_ms"],
                          "ttft_p50": b["ttft_p50_ms"] / v["ttft_p50_ms"]}
-    overhead = serving_overhead(results, offline, args.concurrency)
+    overhead = serving_overhead(results)
     print(f"\n{'level':>6} {'engine':>6} {'out tok/s':>10} {'TTFT p50':>9} {'ITL p50':>8} "
           f"{'ITL p90':>8} {'srv CPU/wall':>12}")
     for key, row in table.items():
@@ -403,19 +501,18 @@ def main() -> int:
         print(f"c={c}: brim/vLLM output tok/s {r['output_tok_s']:.2f}x, ITL p50 "
               f"{r['itl_p50']:.2f}x, TTFT p50 {r['ttft_p50']:.2f}x")
     if overhead:
-        for row in overhead["rounds"]:
-            print(f"serving overhead at c=1, round {row['round']}: ITL p50 "
+        for row in overhead["pairs"]:
+            print(f"serving overhead at c=1, round {row['round']} phase {row['phase']}: ITL p50 "
                   f"{row['server_itl_p50_ms']:.1f} ms vs offline "
-                  f"{row['offline_per_token_p50_ms']:.1f} ms per token: "
-                  f"{row['overhead_fraction'] * 100:+.1f}%")
-        print(f"serving overhead at c=1 (median over rounds): "
+                  f"{row['offline_itl_p50_ms']:.1f} ms: {row['overhead_fraction'] * 100:+.1f}%")
+        print(f"serving overhead at c=1 (median of {len(overhead['pairs'])} pairs): "
               f"{overhead['overhead_fraction'] * 100:+.1f}%")
     record = {"utc": common.utc_stamp(), "commit": common.git_commit(),
               "machine": common.machine_info(), "args": {k: str(v) for k, v in vars(args).items()},
               "versions": {"brim": common.venv_versions(Path(sys.executable)),
                            **({"vllm": common.venv_versions(vllm_python)} if vllm_python else {}),
                            "guidellm": GUIDELLM_VERSION},
-              "offline": {str(r): o for r, o in offline.items()}, "results": results,
+              "results": results,
               "summary": table,
               "ratios": {str(c): r for c, r in ratios.items()}, "overhead": overhead}
     path = common.write_results("serving", record)
