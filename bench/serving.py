@@ -313,7 +313,8 @@ def offline_worker(spec: dict) -> None:
             stamps.append(time.perf_counter())
         return start, stamps
 
-    one_request()  # warm-up: compiles, caches, first-request costs
+    for _ in range(2):  # warm-up: compiles, caches, first-request costs
+        one_request()
     results.write(json.dumps({"ready": True}) + "\n")
     for line in sys.stdin:
         if line.strip() == "quit":
