@@ -200,10 +200,12 @@ inline __m512 load16(const c10::Half* p) {
 // (acc: kHeads consecutive rows of kHeadDim; run_max, run_sum: kHeads entries).
 template <typename scalar_t, int64_t kHeadDim, int kHeads>
 inline void decode_block_heads(const scalar_t* q, float scale, const scalar_t* k_rows,
-                               const scalar_t* v_rows, int64_t slot_stride, int64_t t0,
+                               const scalar_t* v_rows, const scalar_t* next_k_rows,
+                               const scalar_t* next_v_rows, int64_t slot_stride, int64_t t0,
                                int64_t t1, float* scores, float* run_max, float* run_sum,
                                float* acc) {
   constexpr int kVecs = kHeadDim / 16;
+  constexpr int64_t kRowBytes = kHeadDim * static_cast<int64_t>(sizeof(scalar_t));
   const int64_t stride = t1;  // scores[h * stride + t]
   __m512 qv[kHeads][kVecs];
   for (int h = 0; h < kHeads; ++h) {
@@ -214,6 +216,13 @@ inline void decode_block_heads(const scalar_t* q, float scale, const scalar_t* k
   float block_max[kHeads];
   for (int h = 0; h < kHeads; ++h) block_max[h] = kNoScore;
   for (int64_t t = t0; t < t1; ++t) {
+    // The same row of the next block (nullptr: none), on its way while this block is
+    // computed: a row at a time, the misses in flight stay within what the core can track.
+    // All of a block's lines at once filled that queue and the core waited on it.
+    if (next_k_rows != nullptr) {
+      const char* line = reinterpret_cast<const char*>(next_k_rows + t * slot_stride);
+      for (int64_t off = 0; off < kRowBytes; off += 64) _mm_prefetch(line + off, _MM_HINT_T0);
+    }
     const scalar_t* k_row = k_rows + t * slot_stride;
     __m512 kv[kVecs];
     for (int j = 0; j < kVecs; ++j) kv[j] = load16(k_row + 16 * j);
@@ -247,6 +256,10 @@ inline void decode_block_heads(const scalar_t* q, float scale, const scalar_t* k
     }
   }
   for (int64_t t = t0; t < t1; ++t) {
+    if (next_v_rows != nullptr) {
+      const char* line = reinterpret_cast<const char*>(next_v_rows + t * slot_stride);
+      for (int64_t off = 0; off < kRowBytes; off += 64) _mm_prefetch(line + off, _MM_HINT_T0);
+    }
     const scalar_t* v_row = v_rows + t * slot_stride;
     __m512 vv[kVecs];
     for (int j = 0; j < kVecs; ++j) vv[j] = load16(v_row + 16 * j);
@@ -282,7 +295,6 @@ void decode_attention_avx512(const at::Tensor& q, const at::Tensor& k_cache,
   const int64_t* len_ptr = lengths.data_ptr<int64_t>();
   scalar_t* out_ptr = out.data_ptr<scalar_t>();
   const float fscale = static_cast<float>(scale);
-  const int64_t block_bytes = block_stride * static_cast<int64_t>(sizeof(scalar_t));
 
   // Tasks: a sequence with all its heads, longest first; with fewer sequences than threads
   // (a decode of one or two), a task per (sequence, query head) instead, so no thread idles.
@@ -309,15 +321,8 @@ void decode_attention_avx512(const at::Tensor& q, const at::Tensor& k_cache,
       const int64_t last_block = (len - 1) / block_size;
       for (int64_t b = first / block_size; b <= last_block; ++b) {
         const int64_t block = table_ptr[seq * max_blocks + b];
-        if (b < last_block) {
-          const int64_t next = table_ptr[seq * max_blocks + b + 1];
-          const char* nk = reinterpret_cast<const char*>(k_ptr + next * block_stride);
-          const char* nv = reinterpret_cast<const char*>(v_ptr + next * block_stride);
-          for (int64_t off = 0; off < block_bytes; off += 64) {
-            _mm_prefetch(nk + off, _MM_HINT_T1);
-            _mm_prefetch(nv + off, _MM_HINT_T1);
-          }
-        }
+        // -1: no next block to prefetch from.
+        const int64_t next = b < last_block ? table_ptr[seq * max_blocks + b + 1] : -1;
         const int64_t t0 = std::max<int64_t>(first - b * block_size, 0);
         const int64_t t1 = std::min<int64_t>(len - b * block_size, block_size);
         // The task's heads, a KV head's share (up to 4) at a time.
@@ -325,9 +330,13 @@ void decode_attention_avx512(const at::Tensor& q, const at::Tensor& k_cache,
           const int64_t kv_head = hd / group;
           const int64_t count = std::min<int64_t>({h1, (kv_head + 1) * group, hd + 4}) - hd;
           const int64_t kv_offset = block * block_stride + kv_head * kHeadDim;
+          const int64_t next_offset = next * block_stride + kv_head * kHeadDim;
+          const scalar_t* next_k = next >= 0 ? k_ptr + next_offset : nullptr;
+          const scalar_t* next_v = next >= 0 ? v_ptr + next_offset : nullptr;
 #define BRIM_DECODE_HEADS(N)                                                                  \
   decode_block_heads<scalar_t, kHeadDim, N>(q_row + hd * kHeadDim, fscale, k_ptr + kv_offset,  \
-                                            v_ptr + kv_offset, slot_stride, t0, t1,            \
+                                            v_ptr + kv_offset, next_k, next_v, slot_stride,    \
+                                            t0, t1,                                            \
                                             scores.data(), run_max.data() + hd,                \
                                             run_sum.data() + hd, acc.data() + hd * kHeadDim)
           switch (count) {
