@@ -368,16 +368,22 @@ void dispatch_head_dim(const at::Tensor& q, const at::Tensor& k_cache, const at:
                        const at::Tensor& out) {
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<scalar_t, cache_t> && !std::is_same_v<scalar_t, double>) {
+    // Every head size of a multiple of 16 lanes that models ship with.
+#define BRIM_AVX512_CASE(D)                                                                    \
+  case D:                                                                                      \
+    return decode_attention_avx512<scalar_t, D>(q, k_cache, v_cache, rows, block_tables,       \
+                                                lengths, scale, window, out);
     switch (q.size(2)) {
-      case 64:
-        return decode_attention_avx512<scalar_t, 64>(q, k_cache, v_cache, rows, block_tables,
-                                                     lengths, scale, window, out);
-      case 128:
-        return decode_attention_avx512<scalar_t, 128>(q, k_cache, v_cache, rows, block_tables,
-                                                      lengths, scale, window, out);
+      BRIM_AVX512_CASE(32)
+      BRIM_AVX512_CASE(64)
+      BRIM_AVX512_CASE(80)
+      BRIM_AVX512_CASE(96)
+      BRIM_AVX512_CASE(128)
+      BRIM_AVX512_CASE(256)
       default:
         break;
     }
+#undef BRIM_AVX512_CASE
   }
 #endif
   switch (q.size(2)) {

@@ -251,6 +251,9 @@ def test_cpu_plan_equals_the_reference(seed, kind, dtype, sliding_window, in_pla
     # bfloat16 at the head sizes with an AVX-512 path (its own widening of the cache)
     (3, 3, 64, 16, torch.bfloat16, None),
     (2, 4, 128, 16, torch.bfloat16, 20),
+    (2, 2, 96, 16, torch.float32, None),  # the other head sizes with an AVX-512 path
+    (1, 2, 256, 16, torch.bfloat16, 7),
+    (1, 2, 32, 16, torch.float16, None),
 ])
 def test_the_cpp_decode_kernel_equals_the_reference_on_other_shapes(num_kv_heads, group, head_dim,
                                                                     block_size, dtype, window):
