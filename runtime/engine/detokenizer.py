@@ -2,9 +2,44 @@
 
 from __future__ import annotations
 
+import weakref
+
 # Prompt tokens decoded with the first output tokens, so that tokenizers which mark word
 # boundaries on the following token (SentencePiece's "▁") produce the right first space.
 _CONTEXT_TOKENS = 6
+
+
+def backend_decoder(tokenizer):
+    """The `tokenizers.Tokenizer` under a fast transformers tokenizer when its `decode` is
+    that Rust decode and nothing more, else None.
+
+    Two decodes per token per request make transformers' wrapper (argument conversion,
+    batching checks: about 60% of each call) a visible share of a large batch's step. It
+    is skipped only when it would add nothing: `decode` and `_decode` not overridden by the
+    tokenizer's class, and no clean-up of tokenization spaces.
+    """
+    try:
+        return _BACKENDS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    cls, inner = type(tokenizer), getattr(tokenizer, "_tokenizer", None)
+    backend = None
+    if (isinstance(tokenizer, PreTrainedTokenizerFast) and isinstance(inner, Tokenizer)
+            and cls.decode is PreTrainedTokenizerFast.decode
+            and cls._decode is PreTrainedTokenizerFast._decode
+            and not getattr(tokenizer, "clean_up_tokenization_spaces", False)):
+        backend = inner
+    try:
+        _BACKENDS[tokenizer] = backend
+    except TypeError:  # not weakly referenceable: decided again next time
+        pass
+    return backend
+
+
+_BACKENDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class IncrementalDetokenizer:
@@ -17,11 +52,14 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
+        self._backend = backend_decoder(tokenizer)
         self.ids = list(prompt_token_ids[-_CONTEXT_TOKENS:])
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
 
     def _decode(self, ids: list[int]) -> str:
+        if self._backend is not None:
+            return self._backend.decode(ids, skip_special_tokens=self.skip_special_tokens)
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def add(self, token_id: int) -> str:

@@ -38,12 +38,14 @@ class KVCacheManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks)
         self.req_blocks: dict[str, list[KVCacheBlock]] = {}
+        self.req_block_ids: dict[str, list[int]] = {}  # the same tables, as block ids
         # Prefix-cache accounting, in tokens.
         self.num_queried_tokens = 0
         self.num_hit_tokens = 0
 
     def block_table(self, req_id: str) -> list[int]:
-        return [b.block_id for b in self.req_blocks.get(req_id, ())]
+        """The request's block ids in order (a copy: the table changes as it grows)."""
+        return list(self.req_block_ids.get(req_id, ()))
 
     def get_computed_blocks(self, request: Request) -> tuple[list[KVCacheBlock], int]:
         """The longest chain of cached full blocks that starts the request's tokens.
@@ -53,8 +55,8 @@ class KVCacheManager:
         """
         if not self.enable_prefix_caching:
             return [], 0
-        hashes = self._block_hashes(request)
         max_blocks = (request.num_tokens - 1) // self.block_size
+        hashes = self._block_hashes(request, upto=max_blocks * self.block_size)
         hits = []
         for block_hash in hashes[:max_blocks]:
             block = self.pool.lookup(block_hash)
@@ -80,27 +82,41 @@ class KVCacheManager:
         waiting request's block table. Returns False, changing nothing, when the pool
         cannot supply the blocks.
         """
-        blocks = self.req_blocks.get(request.req_id, [])
-        num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
+        block_size = self.block_size
+        blocks = self.req_blocks.get(request.req_id, ())
+        num_computed = request.num_computed_tokens + len(computed_blocks) * block_size
         num_total = num_computed + num_new_tokens
-        num_needed = -(-num_total // self.block_size) - len(blocks) - len(computed_blocks)
-        # Cached hits with no other user sit in the free queue: taking them shrinks it.
-        num_free_hits = sum(1 for b in computed_blocks if b.ref_cnt == 0)
-        if num_needed > self.pool.num_free_blocks - num_free_hits:
+        num_needed = -(-num_total // block_size) - len(blocks) - len(computed_blocks)
+        if computed_blocks:
+            # Cached hits with no other user sit in the free queue: taking them shrinks it.
+            num_free_hits = sum(1 for b in computed_blocks if b.ref_cnt == 0)
+            if num_needed > self.pool.num_free_blocks - num_free_hits:
+                return False
+        elif num_needed > self.pool.num_free_blocks:
             return False
-        self.pool.touch(computed_blocks)
-        blocks = self.req_blocks.setdefault(request.req_id, blocks)
-        blocks.extend(computed_blocks)
+        if not blocks:  # its first blocks: the table starts here, as a refusal changes nothing
+            blocks = self.req_blocks[request.req_id] = []
+            self.req_block_ids[request.req_id] = []
+        if computed_blocks:
+            self.pool.touch(computed_blocks)
+            blocks.extend(computed_blocks)
+            self.req_block_ids[request.req_id].extend(b.block_id for b in computed_blocks)
         if num_needed > 0:
-            blocks.extend(self.pool.allocate(num_needed))
+            new_blocks = self.pool.allocate(num_needed)
+            blocks.extend(new_blocks)
+            self.req_block_ids[request.req_id].extend(b.block_id for b in new_blocks)
         if self.enable_prefix_caching:
             # Blocks filled by this step can be shared from the next scheduling on: within
             # one forward every layer stores the new KV before attention reads it. Only
             # blocks of real tokens: speculative guesses past the last one may be rejected.
-            upto = min(num_total, request.num_tokens)
-            hashes = self._block_hashes(request, upto=upto)
-            for block, block_hash in zip(blocks[: upto // self.block_size], hashes):
-                self.pool.cache(block, block_hash)
+            # Blocks before the first one this step writes were cached when they filled.
+            upto = min(num_total, len(request.all_token_ids))
+            num_full = upto // block_size
+            first = num_computed // block_size
+            if first < num_full:
+                hashes = self._block_hashes(request, upto=upto)
+                for i in range(first, num_full):
+                    self.pool.cache(blocks[i], hashes[i])
         return True
 
     def uncache(self, block_ids: list[int]) -> None:
@@ -117,16 +133,19 @@ class KVCacheManager:
         if blocks and len(blocks) > keep:
             extra = blocks[keep:]
             del blocks[keep:]
+            del self.req_block_ids[request.req_id][keep:]
             for block in extra:
                 self.pool.uncache(block)
             self.pool.free(reversed(extra))
 
     def free(self, request: Request) -> None:
         blocks = self.req_blocks.pop(request.req_id, [])
+        self.req_block_ids.pop(request.req_id, None)
         self.pool.free(reversed(blocks))
 
     def _block_hashes(self, request: Request, upto: int | None = None) -> list[bytes]:
-        """Hashes of the request's full blocks among its first `upto` tokens (memoized)."""
+        """Hashes of the request's full blocks, at least those among its first `upto`
+        tokens (memoized: the request's own list, which may hold more)."""
         hashes = request.block_hashes
         num_full = (request.num_tokens if upto is None else upto) // self.block_size
         tokens = request.all_token_ids
@@ -134,4 +153,4 @@ class KVCacheManager:
             i = len(hashes)
             chunk = tokens[i * self.block_size : (i + 1) * self.block_size]
             hashes.append(hash_block(hashes[-1] if hashes else None, chunk, request.cache_salt))
-        return hashes[:num_full]
+        return hashes

@@ -115,8 +115,18 @@ class ModelRunner:
     def prepare(self, out: SchedulerOutput) -> StepInputs:
         input_ids, positions, slots, query_start, seq_lens, logits_rows = [], [], [], [0], [], []
         block_tables = [s.block_table for s in out.scheduled]
+        block_size = self.block_size
         for s in out.scheduled:
             start, end, table = s.start, s.start + s.num_new_tokens, s.block_table
+            if end - start == 1 and not s.spec_token_ids:  # a decode: most rows of most steps
+                input_ids.append(s.request.all_token_ids[start])
+                positions.append(start)
+                slots.append(table[start // block_size] * block_size + start % block_size)
+                query_start.append(query_start[-1] + 1)
+                seq_lens.append(end)
+                if end == len(s.request.all_token_ids):  # s.samples
+                    logits_rows.append(query_start[-1] - 1)
+                continue
             input_ids.extend(s.request.all_token_ids[start:end])
             input_ids.extend(s.spec_token_ids)  # guesses follow the last token
             positions.extend(range(start, end))

@@ -34,7 +34,7 @@ class ScheduledRequest:
     def samples(self) -> bool:
         """Whether this step reaches the request's last token, so its logits give a token."""
         return (self.start + self.num_new_tokens
-                == self.request.num_tokens + len(self.spec_token_ids))
+                == len(self.request.all_token_ids) + len(self.spec_token_ids))
 
 
 @dataclass(slots=True)
@@ -75,9 +75,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = request.num_tokens - request.num_computed_tokens
+            num_new = len(request.all_token_ids) - request.num_computed_tokens
             # A decode with guesses computes them too, as far as the budget goes.
-            spec = request.spec_token_ids[:budget - 1] if num_new == 1 else []
+            spec = (request.spec_token_ids[:budget - 1]
+                    if num_new == 1 and request.spec_token_ids else [])
             num_new = min(num_new + len(spec), budget)
             while not self._allocate(request, num_new):
                 victim = self.running.pop()  # the newest running request

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from brim.runtime.engine.detokenizer import IncrementalDetokenizer, find_stop
+from brim.runtime.engine.detokenizer import IncrementalDetokenizer, backend_decoder, find_stop
 
 TEXTS = [
     "héllo 世界 🎉",
@@ -72,6 +72,33 @@ def test_special_tokens_skipped_or_kept(tokenizer):
     assert "".join(stream(tokenizer, prompt, output, True)) == "assistant\nYes"
     kept = "".join(stream(tokenizer, prompt, output, False))
     assert kept == "<|im_start|>assistant\nYes<|im_end|>"
+
+
+def test_the_rust_decode_is_used_only_where_it_equals_the_tokenizers_decode(tokenizer):
+    import random
+
+    from transformers import AutoTokenizer
+
+    backend = backend_decoder(tokenizer)
+    assert backend is not None  # the bundled tokenizer: a plain fast tokenizer
+    assert backend_decoder(tokenizer) is backend  # decided once per tokenizer
+    rng = random.Random(0)
+    special = sorted(tokenizer.all_special_ids)
+    for _ in range(300):
+        ids = [rng.choice(special) if rng.random() < 0.1 else rng.randrange(len(tokenizer))
+               for _ in range(rng.randrange(1, 12))]
+        for skip in (True, False):
+            assert (backend.decode(ids, skip_special_tokens=skip)
+                    == tokenizer.decode(ids, skip_special_tokens=skip)), (ids, skip)
+    # Clean-up of tokenization spaces is transformers' own step: such a tokenizer keeps
+    # its decode, and the stream still matches it.
+    cleaned = AutoTokenizer.from_pretrained(tokenizer.name_or_path,
+                                            clean_up_tokenization_spaces=True)
+    assert cleaned.clean_up_tokenization_spaces
+    assert backend_decoder(cleaned) is None
+    ids = cleaned.encode("a , b . c ' d")
+    deltas = stream(cleaned, ids[:1], ids[1:])
+    assert cleaned.decode(ids[:1]) + "".join(deltas) == cleaned.decode(ids)
 
 
 # -- find_stop -------------------------------------------------------------------------------
