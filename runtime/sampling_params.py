@@ -11,6 +11,7 @@ from brim.runtime.engine.errors import InvalidParamError, out_of_range
 _GREEDY_EPS = 1e-5
 # A seed becomes a torch.Generator seed: a signed 64-bit integer (vLLM's range too).
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+OUTPUT_KINDS = ("cumulative", "final_only")
 
 
 @dataclass(slots=True)
@@ -29,6 +30,9 @@ class SamplingParams:
     ignore_eos: keep generating past the model's EOS token.
     n: independent completions per prompt.
     logprobs: number of top alternatives to return per token (0 = only the chosen).
+    output_kind: "cumulative" (the default: after every step that gives the request
+        tokens, its output so far, for streaming) or "final_only" (its finished output
+        only: what `LLM.generate` waits for, saving an output object per request per step).
 
     Every field is checked on creation and again by the engine's admission
     (`validate()`), so a value that would fail inside an engine step is refused when the
@@ -51,6 +55,7 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    output_kind: str = "cumulative"
     # Tokens whose logits are masked (set by the engine: EOS during min_tokens).
     _all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
 
@@ -96,6 +101,9 @@ class SamplingParams:
         if not isinstance(self.stop_token_ids, list) or not all(
                 _is_int(t) for t in self.stop_token_ids):
             raise out_of_range("stop_token_ids", "a list of token ids", self.stop_token_ids)
+        if self.output_kind not in OUTPUT_KINDS:
+            raise out_of_range("output_kind", " or ".join(map(repr, OUTPUT_KINDS)),
+                               self.output_kind)
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), bool):
                 raise out_of_range(name, "true or false", getattr(self, name))

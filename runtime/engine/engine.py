@@ -273,12 +273,19 @@ class Engine:
                 request.first_token_time = now
                 if request.index == 0:  # n children share one prompt
                     self.num_prompt_tokens += request.num_prompt_tokens
-            touched[request.parent_id] = True
+            if not request.final_only or request.is_finished:
+                touched[request.parent_id] = True
         if self.proposer is not None:
             self._propose()
         outputs = [self._failed_output(parent_id, error) for parent_id, error in failed.items()]
-        return outputs + [self._output(parent_id) for parent_id in touched
-                          if parent_id not in failed]
+        for parent_id in touched:
+            if parent_id in failed:
+                continue
+            children = self.parents[parent_id]
+            if children[0].final_only and not all(r.is_finished for r in children):
+                continue  # "final_only": its other completions are still running
+            outputs.append(self._output(parent_id))
+        return outputs
 
     # -- speculative decoding ---------------------------------------------------------------
 

@@ -176,6 +176,13 @@ class LLM:
                     f"got {len(params)} SamplingParams for {len(encoded)} prompts; give one, "
                     "or one per prompt"
                 )
+        # Only finished outputs are returned: the engine need not build the others.
+        final_only: dict[int, SamplingParams] = {}
+        for i, p in enumerate(params):
+            if isinstance(p, SamplingParams) and p.output_kind != "final_only":
+                if id(p) not in final_only:
+                    final_only[id(p)] = p.clone(output_kind="final_only")
+                params[i] = final_only[id(p)]
         engine = self.engine
         order = []
         try:

@@ -33,6 +33,7 @@ class Request:
         "generator", "logprobs", "cumulative_logprob", "text", "detokenizer",
         "num_preemptions", "first_token_time", "cache_salt", "block_hashes",
         "spec_token_ids", "spec_state", "spec_probs", "spec_draft_span", "spec_backoff",
+        "final_only",
     )
 
     def __init__(
@@ -57,6 +58,7 @@ class Request:
         self.all_token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.params = params
+        self.final_only = params.output_kind == "final_only"  # no output until it ends
         self.max_tokens = max_tokens
         self.eos_token_ids = frozenset() if params.ignore_eos else eos_token_ids
         self.num_computed_tokens = 0

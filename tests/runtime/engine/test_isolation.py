@@ -211,3 +211,47 @@ def test_child_seeds_wrap_within_64_bits(engine):
     engine.add_request("wrap", [1, 2, 3], SamplingParams(seed=top, n=2, max_tokens=2))
     assert [r.params.seed for r in engine.parents["wrap"]] == [top, -(2**63)]
     engine.abort("wrap")
+
+
+# -- output kinds -------------------------------------------------------------------------
+
+
+def test_final_only_gives_each_request_one_output_equal_to_its_cumulative_last(engine):
+    """"final_only" requests (LLM.generate's) get no output until every completion has
+    ended, then the same one a "cumulative" request ends with; cumulative requests get one
+    per step that gives them tokens. Stop token ids spread over the vocabulary end the two
+    seeded completions at different steps."""
+    stops = list(range(3, VOCAB, VOCAB // 64))  # 64: the limit
+    base = {
+        "greedy": ([5, 17, 300, 42, 9], SamplingParams(temperature=0, max_tokens=9,
+                                                       ignore_eos=True)),
+        "two": ([7, 8, 9, 10], SamplingParams(temperature=1.0, seed=99, n=2, max_tokens=60,
+                                               stop_token_ids=stops, logprobs=1)),
+    }
+    for seed in range(99, 140):  # a seed whose completions end at different lengths
+        base["two"][1].seed = seed
+        finals = run(engine, {"probe": base["two"]})
+        if len({len(c.token_ids) for c in finals["probe"].outputs}) == 2:
+            break
+    else:
+        pytest.fail("no seed ended the two completions at different lengths")
+    seen: dict[str, dict[str, list]] = {"cumulative": {}, "final_only": {}}
+    for kind in seen:
+        for req_id, (prompt, params) in base.items():
+            engine.add_request(f"{kind}-{req_id}", prompt, params.clone(output_kind=kind))
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                seen[kind].setdefault(output.req_id.split("-", 1)[1], []).append(output)
+    for req_id in base:
+        cumulative, final = seen["cumulative"][req_id], seen["final_only"][req_id]
+        assert len(final) == 1 and final[0].finished
+        assert [o.finished for o in cumulative] == [False] * (len(cumulative) - 1) + [True]
+        assert len(cumulative) == max(len(c.token_ids) for c in final[0].outputs)
+        for got, want in zip(final[0].outputs, cumulative[-1].outputs):
+            assert (got.token_ids, got.text, got.finish_reason, got.logprobs) == (
+                want.token_ids, want.text, want.finish_reason, want.logprobs)
+
+
+def test_an_unknown_output_kind_is_refused():
+    with pytest.raises(InvalidParamError, match="output_kind"):
+        SamplingParams(output_kind="delta")
