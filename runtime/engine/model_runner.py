@@ -13,7 +13,7 @@ from brim.kernels.cpu_decode import decode_attention_op
 from brim.runtime.config import EngineConfig
 from brim.runtime.engine.sampler import Sampler
 from brim.runtime.engine.scheduler import SchedulerOutput
-from brim.runtime.models.compiled import MIN_COMPILED_TOKENS, compile_model, inductor_cache_dir
+from brim.runtime.models.compiled import always_compiled, compile_model, inductor_cache_dir
 from brim.runtime.models.llama import AttentionMetadata, LlamaForCausalLM
 from brim.runtime.models.loader import TORCH_DTYPES
 
@@ -53,14 +53,16 @@ class ModelRunner:
 
     def compile_now(self) -> None:
         """Compile the model's graphs (models/compiled.py) with a step on dummy tokens, so that
-        no request waits for the compiler: MIN_COMPILED_TOKENS of them, the graph for every
-        count from there up (fewer run eagerly). It writes the first slots of the cache,
-        which any request that gets them overwrites before reading."""
+        no request waits for the compiler: 8 of them, through the compiled path whatever
+        its threshold; the graph serves every count (its token dimension is dynamic). It
+        writes the first slots of the cache, which any request that gets them overwrites
+        before reading."""
         started = time.perf_counter()
-        n = MIN_COMPILED_TOKENS
+        n = 8
         blocks = list(range(-(-n // self.block_size)))
         slots = list(range(n))  # blocks 0, 1, ... in order: slot i is position i
-        self.forward(StepInputs([0] * n, list(range(n)), slots, [blocks], [0, n], [n], []))
+        with always_compiled():
+            self.forward(StepInputs([0] * n, list(range(n)), slots, [blocks], [0, n], [n], []))
         logger.info("model compiled in %.1f s (torch.compile, inductor; cache: %s)",
                     time.perf_counter() - started, inductor_cache_dir())
 

@@ -26,8 +26,9 @@ packed ones through an opaque op (`cpu_linear.packed_linear`).
 Bounded compilation: dynamo treats a module's parameters as inputs
 (`inline_inbuilt_nn_modules`), so every pair of layers shares one `between_attentions` graph.
 The token dimension is marked dynamic: one graph per region serves every step of
-MIN_COMPILED_TOKENS tokens or more, and smaller steps (a few decodes) run eagerly, where a
-compiled call costs more than it saves: at most two graphs per region, model and dtype.
+MIN_COMPILED_TOKENS tokens or more, and smaller steps (decodes of up to a hundred-odd
+requests) run eagerly through fused C++ ops, where a compiled call costs more than it
+saves: at most two graphs per region, model and dtype.
 Inductor keeps what it built in its cache directory (`TORCHINDUCTOR_CACHE_DIR`, default
 /tmp/torchinductor_<user>), so a later start with the same model shapes, dtype and torch
 loads it instead of compiling.
@@ -35,6 +36,7 @@ loads it instead of compiling.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -47,11 +49,22 @@ import torch
 logger = logging.getLogger(__name__)
 
 MAX_GRAPHS_PER_REGION = 64  # over all the models one process loads
-# Steps of fewer tokens run the regions eagerly: for a handful of rows the fused kernels save
-# less than a compiled call costs (dynamo's guards, the AOT wrapper). Measured on SmolLM2
-# (float32, 2 cores): a one-sequence decode took 20.7-21.5 ms per token compiled (one call
-# between attentions) against 20.3 eager, while 64 requests ran 8% faster compiled.
-MIN_COMPILED_TOKENS = 8
+# Steps of fewer tokens run `few`, the same work as a handful of fused C++ ops
+# (llama.py, kernels/cpu_layer_ops.cpp): below this, inductor's kernels save less than a
+# compiled call costs (dynamo's guards, the AOT wrapper, a parallel region per fused loop).
+# SmolLM2 on 2 cores, a forward of n tokens, compiled against `few` (ms; 3 runs each):
+#   float32   n=32 32.1-32.3 vs 31.0-31.3, 64 50.3-51.4 vs 50.2-51.0, 128 83-86 vs 84-88,
+#             256 151-156 vs 154-163, 2048 1529-1564 vs 1632-1731
+#   bfloat16  n=32 20.1-20.5 vs 18.6-18.9, 64 30.6-31.2 vs 29.7-29.9, 128 49.3-49.8 vs
+#             48.4-51.5, 256 89-92 vs 89-92, 512 177-186 vs 187-190
+# and engine decode steps of 16 / 32 requests took 27-29 / 43-45 ms against 29-31 / 44-46
+# (float32) with `few` from 8 tokens up to 128 rather than compiled.
+MIN_COMPILED_TOKENS = 128
+# Without the C++ ops (`few` is the regions op by op) the compiled graphs pay off sooner: a
+# one-sequence decode took 20.7-21.5 ms per token compiled against 20.3 eager, while 64
+# requests ran 8% faster compiled.
+MIN_COMPILED_TOKENS_EAGER = 8
+_forced = 0  # > 0: every call compiled (ModelRunner.compile_now's warm-up, `always_compiled`)
 
 
 class _Region:
@@ -67,14 +80,16 @@ class _Region:
     def __init__(self, fn, few=None) -> None:
         self.eager = fn
         # Steps under MIN_COMPILED_TOKENS: `few` (the same computation through fused C++ ops)
-        # when given, else fn op by op.
+        # when given; else fn op by op, under MIN_COMPILED_TOKENS_EAGER.
         self.few = few or fn
+        self.has_few = few is not None
         self.compiled = torch.compile(fn, fullgraph=True, dynamic=False)
         self.is_broken = False
 
     def __call__(self, *args):
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
-        if tensors[0].shape[0] < MIN_COMPILED_TOKENS:
+        threshold = MIN_COMPILED_TOKENS if self.has_few else MIN_COMPILED_TOKENS_EAGER
+        if tensors[0].shape[0] < threshold and not _forced:
             return self.few(*args)
         if self.is_broken:
             return self.eager(*args)
@@ -90,6 +105,18 @@ class _Region:
             logger.warning("compiling %s failed, it runs eagerly from now on: %s",
                            self.eager.__qualname__, str(exc).splitlines()[0][:500])
             return result
+
+
+@contextlib.contextmanager
+def always_compiled():
+    """Within it, every region call of any model takes the compiled graph, whatever the
+    token count (ModelRunner.compile_now: the graph is built on a short dummy step)."""
+    global _forced
+    _forced += 1
+    try:
+        yield
+    finally:
+        _forced -= 1
 
 
 @dataclass(frozen=True)

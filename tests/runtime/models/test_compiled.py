@@ -39,12 +39,22 @@ REGION_FUNCTIONS = (llama.first_attention_inputs, llama.between_attentions,
                     llama.after_last_attention)
 
 
+@pytest.fixture
+def small_steps_compiled(monkeypatch):
+    """The steps above are a few tokens each: run them through the compiled graphs (as
+    steps of MIN_COMPILED_TOKENS and more are), not the fused C++ ops."""
+    from brim.runtime.models import compiled
+
+    monkeypatch.setattr(compiled, "MIN_COMPILED_TOKENS", 2)
+
+
 def _cache_entries() -> int:
     return sum(len(_debug_get_cache_entry_list(fn.__code__)) for fn in REGION_FUNCTIONS)
 
 
 @pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-4), ("bfloat16", 0.1)])
-def test_compiled_logits_match_eager_step_by_step(tmp_path, dtype, tolerance):
+def test_compiled_logits_match_eager_step_by_step(tmp_path, dtype, tolerance,
+                                                  small_steps_compiled):
     path, _ = _tiny_checkpoint(tmp_path, "qwen2")  # q/k/v biases, tied embeddings
     args = dict(dtype=dtype, device="cpu", block_size=BLOCK_SIZE, num_gpu_blocks=8,
                 max_model_len=128)
@@ -73,7 +83,7 @@ def test_compiled_logits_match_eager_step_by_step(tmp_path, dtype, tolerance):
     assert _cache_entries() - entries_before <= 6
 
 
-def test_compiled_layers_call_the_packed_onednn_matmuls(tmp_path):
+def test_compiled_layers_call_the_packed_onednn_matmuls(tmp_path, small_steps_compiled):
     path, _ = _tiny_checkpoint(tmp_path, "llama")
     runner = LLM(str(path), dtype="float32", device="cpu", block_size=BLOCK_SIZE,
                  num_gpu_blocks=8, max_model_len=128).engine.runner
@@ -88,7 +98,36 @@ def test_compiled_layers_call_the_packed_onednn_matmuls(tmp_path):
     assert names.count("mkldnn::_linear_pointwise") == 3 * 4 + 1
 
 
-def test_a_region_that_fails_to_compile_runs_eagerly(tmp_path, caplog):
+def test_steps_under_the_threshold_take_the_fused_ops_and_longer_ones_the_graphs(tmp_path):
+    """The default threshold: a decode step of a few rows runs the fused C++ ops, a step of
+    MIN_COMPILED_TOKENS tokens the compiled graphs; both give the eager model's logits."""
+    from brim.runtime.models import compiled
+
+    path, _ = _tiny_checkpoint(tmp_path, "llama")
+    n = compiled.MIN_COMPILED_TOKENS
+    num_blocks = -(-n // BLOCK_SIZE) + 4
+    args = dict(dtype="float32", device="cpu", block_size=BLOCK_SIZE,
+                num_gpu_blocks=num_blocks, max_model_len=num_blocks * BLOCK_SIZE)
+    eager = LLM(str(path), enforce_eager=True, **args).engine.runner
+    runner = LLM(str(path), **args).engine.runner
+    table = list(range(-(-(n + 1) // BLOCK_SIZE)))
+    long = StepInputs(list(range(3, n + 3)), list(range(n)), list(range(n)), [table], [0, n],
+                      [n], [n - 1])
+    short = _steps()[2]  # two decodes
+    for step, fused in ((short, True), (long, False), (short, True)):
+        eager.forward(step)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            got = runner.forward(step)
+        names = [e.name for e in prof.events()]
+        assert ("brim_cpu::add_rms_norm_" in names) == fused, names
+        assert (names.count("brim_cpu::packed_linear") == 3 * 4) != fused
+        # The eager model's cache got the same KV from its own forward above.
+        want = eager.forward(step)
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert not any(region.is_broken for region in runner.model.compiled_regions)
+
+
+def test_a_region_that_fails_to_compile_runs_eagerly(tmp_path, caplog, small_steps_compiled):
     path, _ = _tiny_checkpoint(tmp_path, "llama")
     args = dict(dtype="float32", device="cpu", block_size=BLOCK_SIZE, num_gpu_blocks=8,
                 max_model_len=128)
