@@ -54,6 +54,7 @@ if _BENCH not in sys.path:
 import _peer_common as common  # noqa: E402
 
 GUIDELLM_VERSION = "0.8.1"
+GUIDELLM_ATTEMPTS = 3  # tries per phase when guidellm hangs (killed, run again)
 SERVED_NAME = "SmolLM2-135M-Instruct"
 ENGINES = ("brim", "vllm")
 
@@ -94,8 +95,18 @@ def guidellm_phase(exe: Path, port: int, model_dir: Path, concurrency: int, seed
            "--output", f"kind=json,path={out_json}",
            "--disable-console"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=out_json.parent,
-                          timeout=duration * 4 + 300)
+    # Its own session, so that a hang takes its whole process tree down with it: guidellm's
+    # forked data-loader workers can deadlock at exit (seen once in ~40 phases, 2026-11-29:
+    # a worker stuck joining a queue's feeder thread after the phase's requests were served).
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=out_json.parent, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=duration * 3 + 120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def read_guidellm(path: Path) -> dict:
@@ -193,15 +204,25 @@ def tree_cpu(pid: int) -> float:
 def measure_phase(engine: str, proc: subprocess.Popen, port: int, model_dir: Path, exe: Path,
                   workdir: Path, args, concurrency: int, duration: int, tag: str) -> dict:
     """One guidellm phase against the running server, with the CPU accounting around it."""
-    seed = random.SystemRandom().randrange(1, 2**31)
-    common.wait_for_quiet(args.max_outside_load, args.wait_for_quiet)
-    out_json = workdir / f"{engine}-{tag}-c{concurrency}.json"
-    server_start = tree_cpu(proc.pid)
-    busy_start, _ = common._system_cpu_seconds()
-    children_start = sum(os.times()[2:4])
-    self_start = sum(os.times()[:2])
-    wall_start = time.perf_counter()
-    done = guidellm_phase(exe, port, model_dir, concurrency, seed, args, out_json, duration)
+    for attempt in range(GUIDELLM_ATTEMPTS):
+        seed = random.SystemRandom().randrange(1, 2**31)
+        common.wait_for_quiet(args.max_outside_load, args.wait_for_quiet)
+        out_json = workdir / f"{engine}-{tag}-c{concurrency}.json"
+        server_start = tree_cpu(proc.pid)
+        busy_start, _ = common._system_cpu_seconds()
+        children_start = sum(os.times()[2:4])
+        self_start = sum(os.times()[:2])
+        wall_start = time.perf_counter()
+        try:
+            done = guidellm_phase(exe, port, model_dir, concurrency, seed, args, out_json,
+                                  duration)
+            break
+        except subprocess.TimeoutExpired:
+            print(f"[{engine} {tag}] c={concurrency}: guidellm hung (killed after "
+                  f"{time.perf_counter() - wall_start:.0f} s); the phase runs again",
+                  flush=True)
+    else:
+        raise RuntimeError(f"guidellm hung {GUIDELLM_ATTEMPTS} times in a row")
     wall = time.perf_counter() - wall_start
     busy = common._system_cpu_seconds()[0] - busy_start
     server_cpu = tree_cpu(proc.pid) - server_start
